@@ -1,0 +1,38 @@
+"""tailkd_dist: scale-out trainer for tail-aware knowledge distillation (TAD) of language models.
+
+Install on a CPU-only machine with the README's first line (a pinned lock installed with
+--no-deps, see README "Why the install line looks like this"); on a GPU cluster
+`pip install -e .` with dependencies works as usual.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="tailkd_dist",
+    version="0.1.0",
+    description="Tail-aware knowledge distillation (TAD) at cluster scale: DeepSpeed/FSDP2, "
+    "vocabulary-sharded fused loss, streaming data.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tailkd_dist", "tailkd_dist.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.5,<2.15",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.45,<5",
+        "datasets>=3.0,<6",
+        "huggingface_hub>=0.24,<1.0",
+        "tokenizers>=0.20,<0.23",
+        "safetensors>=0.4",
+        "mosaicml-streaming>=0.11,<0.14",
+        "numpy>=1.26,<2.2",
+        "tensorboard>=2.15",
+        "tqdm>=4.64",
+        "pyyaml>=6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "tailkd-prepare-data=tailkd_dist.data.prepare:main",
+        ]
+    },
+)

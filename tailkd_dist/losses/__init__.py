@@ -1,0 +1,14 @@
+"""Distillation losses: TAD (tail-aware divergence), forward/reverse KL, JSD and CE.
+
+Dense forms work on full logits (references, small vocabularies); the fused form works from
+hidden states and lm_head weights, chunk by chunk, optionally vocabulary-parallel.
+Spec: ``../shared/design/tad-loss.md``.
+"""
+from .common import DIVERGENCES, topk_lowest_index
+from .dense import cross_entropy, forward_kl, jsd, reverse_kl, tad_divergence, tad_terms
+from .fused import STAT_KEYS, fused_linear_distill
+
+__all__ = [
+    "DIVERGENCES", "STAT_KEYS", "cross_entropy", "forward_kl", "fused_linear_distill", "jsd",
+    "reverse_kl", "tad_divergence", "tad_terms", "topk_lowest_index",
+]
