@@ -62,20 +62,20 @@ def topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     CUDA kernel differ), but the spec requires every rank and every chunking to pick the same
     set. Returns values sorted descending and, among equal values, indices ascending.
     """
-    vals, idx = torch.topk(x, k, dim=-1, sorted=True)
-    kth = vals[..., -1:]
-    # A tie straddles the boundary iff more than k elements are >= the k-th value. Checking
-    # costs one host sync per call; rows with such ties are rare in fp32 and repaired below.
-    n_ge = (x >= kth).sum(-1)
-    bad = (n_ge > k).nonzero(as_tuple=True)
-    if bad[0].numel():
-        rows = x[bad]
-        # Stable sort of -x puts larger values first and, among equals, lower indices first.
-        order = torch.sort(-rows, dim=-1, stable=True).indices[..., :k]
-        idx = idx.clone()
-        vals = vals.clone()
-        idx[bad] = order
-        vals[bad] = rows.gather(-1, order)
+    n = x.shape[-1]
+    vals, idx = torch.topk(x, min(k + 1, n), dim=-1, sorted=True)
+    if k < n:
+        # A tie straddles the boundary iff the k-th and (k+1)-th largest values are equal.
+        # Finding the rows costs one host sync; such rows are rare in fp32 and repaired below.
+        bad = (vals[..., k - 1] == vals[..., k]).nonzero(as_tuple=True)
+        vals, idx = vals[..., :k], idx[..., :k]
+        if bad[0].numel():
+            rows = x[bad]
+            # Stable sort of -x: larger values first and, among equals, lower indices first.
+            order = torch.sort(-rows, dim=-1, stable=True).indices[..., :k]
+            idx, vals = idx.clone(), vals.clone()
+            idx[bad] = order
+            vals[bad] = rows.gather(-1, order)
     # Inside the chosen set, order equal values by index so downstream merges are canonical.
     return _canonical_order(vals, idx)
 

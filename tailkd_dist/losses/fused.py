@@ -24,6 +24,7 @@ Spec: ``../shared/design/tad-loss.md``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -55,9 +56,9 @@ STAT_KEYS = (
     "teacher_entropy", "student_entropy", "top1_agree", "beta_x",
 )
 
-# Elements per scratch block: bounds the temporaries of the element-wise phases to
-# ~32 MiB (fp32) however large the vocabulary slice is.
-_BLOCK_ELEMENTS = 1 << 23
+# Elements per scratch block: bounds each temporary of the element-wise phases to
+# ~16 MiB (fp32) however large the vocabulary slice is.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def partial_names(divergence: str, *, teacher_cached: bool) -> tuple[str, ...]:
@@ -288,10 +289,23 @@ class _Opts:
 
 
 class _Block:
-    """Row block of a chunk during the element-wise phases: views and per-row quantities."""
+    """Row block of a chunk during the element-wise phases: views of log p / log q and
+    per-row quantities; p, q and log p - log q are block-sized and made on first use."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
+
+    @functools.cached_property
+    def p(self):
+        return self.log_p.exp()
+
+    @functools.cached_property
+    def q(self):
+        return self.log_q.exp()
+
+    @functools.cached_property
+    def diff(self):
+        return torch.sub(self.log_p, self.log_q)
 
     def add_at_top(self, buf: torch.Tensor, values: torch.Tensor) -> None:
         """buf[row, K_local] += values where this rank owns the K entry (duplicates-safe)."""
@@ -528,39 +542,38 @@ class _Chunker:
         return per_tok, bad, self.grad_matmuls(s, rows)
 
     def _block(self, t, s, r0, r1, top_local, owned, **extra):
-        log_p, log_q = t[r0:r1], s[r0:r1]
-        p, q = log_p.exp(), log_q.exp()
         return _Block(
-            log_p=log_p, log_q=log_q, p=p, q=q, diff=torch.sub(log_p, log_q),
-            top_local=top_local[r0:r1], top_owned=owned[r0:r1], jsd_beta=self.o.jsd_beta, **extra,
+            log_p=t[r0:r1], log_q=s[r0:r1], top_local=top_local[r0:r1], top_owned=owned[r0:r1],
+            jsd_beta=self.o.jsd_beta, **extra,
         )
 
     def write_grads(self, t, s, rows, top_local, owned, tok, lse_s, lse_raw, log_ratio, lab_owned, lab_local):
-        """Phase 3: d(loss)/d(student logits), written in place into ``s``."""
+        """Phase 3: d(loss)/d(student logits), written in place over log q in ``s``."""
         o = self.o
         div = _DIVERGENCES[o.divergence]
-        kd_scale = o.kd_weight * o.tau  # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau)
         vf = self.valid[rows].to(self.cdtype)
-        n = t.shape[0]
-        for r0, r1 in _blocks(n, self.L.vocab_local):
-            log_p, log_q = t[r0:r1], s[r0:r1]
-            q = log_q.exp()
-            blk = _Block(
-                log_p=log_p, log_q=log_q, p=log_p.exp(), q=q, diff=torch.sub(log_p, log_q),
-                top_local=top_local[r0:r1], top_owned=owned[r0:r1], jsd_beta=o.jsd_beta,
+        # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
+        kd_row = (o.kd_weight * o.tau) * vf
+        ce_row = o.ce_weight * vf
+        for r0, r1 in _blocks(t.shape[0], self.L.vocab_local):
+            blk = self._block(
+                t, s, r0, r1, top_local, owned,
                 tok={k_: v[r0:r1] for k_, v in tok.items() if torch.is_tensor(v)},
                 beta_x=tok["beta_x"][r0:r1], log_ratio=log_ratio[r0:r1],
-                out=torch.empty_like(q),
             )
-            div.grad_fn(blk)
-            g = blk.out.mul_(kd_scale)
+            q1 = None
             if o.ce_weight != 0.0:
-                q1 = q if lse_raw is None else (log_q + lse_s[r0:r1, None]).mul_(o.tau).sub_(lse_raw[r0:r1, None]).exp_()
-                g.add_(q1, alpha=o.ce_weight)
-                _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None],
-                        torch.full((r1 - r0, 1), -o.ce_weight, dtype=g.dtype, device=g.device))
-            g.mul_(vf[r0:r1, None])
-            s[r0:r1] = g
+                # CE's softmax at tau = 1, formed before the block's log q is overwritten.
+                q1 = blk.q if lse_raw is None else (
+                    (blk.log_q + lse_s[r0:r1, None]).mul_(o.tau).sub_(lse_raw[r0:r1, None]).exp_()
+                )
+            blk.q, blk.p  # noqa: B018  (materialise before ``out`` overwrites log q)
+            blk.out = blk.log_q
+            div.grad_fn(blk)
+            g = blk.out.mul_(kd_row[r0:r1, None])
+            if q1 is not None:
+                g.addcmul_(q1, ce_row[r0:r1, None])
+                _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None], -ce_row[r0:r1, None])
 
     def grad_matmuls(self, g, rows):
         gs = g.to(self.ws.dtype)
