@@ -33,6 +33,9 @@ setup(
     entry_points={
         "console_scripts": [
             "tailkd-prepare-data=tailkd_dist.data.prepare:main",
+            "tailkd-train=tailkd_dist.train:main",
+            "tailkd-export-hf=tailkd_dist.export:main",
+            "tailkd-derive-student=tailkd_dist.derive:main",
         ]
     },
 )

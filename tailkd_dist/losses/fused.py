@@ -53,7 +53,7 @@ _TEACHER = ("t_tail", "t_bad")
 
 STAT_KEYS = (
     "valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s",
-    "teacher_entropy", "student_entropy", "top1_agree", "beta_x",
+    "teacher_entropy", "student_entropy", "top1_agree", "beta_x", "a_t_sq", "a_s_sq",
 )
 
 # Elements per scratch block: bounds each temporary of the element-wise phases to
@@ -529,7 +529,7 @@ class _Chunker:
         per_tok = torch.stack(
             [
                 vf, ce, kd, kl, tok["d1"], tok["at_d2"], a_t, a_s, -tok["plogp"], -tok["qlogq"],
-                (top[:, 0] == s_argmax).to(self.cdtype), tok["beta_x"],
+                (top[:, 0] == s_argmax).to(self.cdtype), tok["beta_x"], a_t * a_t, a_s * a_s,
             ],
             1,
         ) * vf[:, None]
@@ -734,7 +734,8 @@ def fused_linear_distill(
         no gradient; with vocab_group the gradients are those of the group's total, assuming
         every rank back-propagates the same scale, e.g. 1 / global token count). ``stats``:
         sums over valid positions, keys ``STAT_KEYS``; kl, d1, at_d2, a_t, a_s and the entropies
-        at temperature tau without tau^2, ``kd`` as it enters the loss.
+        at temperature tau without tau^2, ``kd`` as it enters the loss; a_t_sq / a_s_sq (sums
+        of squares) give the tail masses' spread.
 
     Host syncs: two per call (the group's layout before allocating, and the finiteness /
     label check at the end), plus one per row block where the top-k check looks for ties.

@@ -1,0 +1,353 @@
+"""The trainer's typed configuration: YAML file + ``dotted.key=value`` overrides, validated on
+load with errors that name the key.
+
+    cfg = load_config("run.yaml", ["loss.beta=5", "optim.lr=3e-4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from tailkd_dist.losses.common import DIVERGENCES
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """One causal LM: a local HF directory, or an HF config to build from (tests, demo)."""
+
+    path: str | None = None
+    """Local HF model directory (``AutoModelForCausalLM.from_pretrained``); never downloaded."""
+    config: dict | None = None
+    """Or an HF config as a dict (must contain ``model_type``), built with random weights."""
+    tokenizer: str | None = None
+    """Tokenizer directory; default: ``path``."""
+    init_seed: int = 0
+    """Seed for weights built from ``config`` (identical on every rank)."""
+
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    """The teacher (frozen) and the student (trained)."""
+
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    """The teacher model."""
+    student: ModelSpec = field(default_factory=ModelSpec)
+    """The student model."""
+    dtype: str = "auto"
+    """Parameter/compute dtype: "auto" (bf16 on GPUs that support it, fp32 on CPU), "fp32", "bf16"."""
+    attention: str = "sdpa"
+    """HF attention implementation for both models: "sdpa" or "eager"."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """MDS shards written by ``tailkd-prepare-data``."""
+
+    path: str = ""
+    """Directory holding manifest.json and the split subdirectories (or the local cache if
+    ``remote`` is set)."""
+    remote: str | None = None
+    """Where the shards live if not local: s3://, gs://, or another directory."""
+    train_split: str = "train"
+    """Split to train on."""
+    eval_split: str = "validation"
+    """Held-out split for evaluation."""
+    micro_batch_size: int = 4
+    """Rows of seq_len tokens per rank per micro-batch."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    shuffle_seed: int = 9176
+    """Deterministic shuffle seed."""
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The distillation loss (spec: shared/design/tad-loss.md)."""
+
+    divergence: str = "tad"
+    """"tad", "forward_kl", "reverse_kl", "jsd", or "none" (CE only, e.g. to train a teacher)."""
+    k: int = 10
+    """TAD's teacher top-k (paper: 10)."""
+    beta: float = 2.0
+    """TAD's tail weight (paper: 2)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KD term (scaled by tau^2); CE stays at 1."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy term."""
+    kd_weight: float = 1.0
+    """Weight of the divergence term."""
+    jsd_beta: float = 0.5
+    """Mixture weight of the generalised JSD."""
+    beta_scope: str = "document"
+    """TAD's beta(X) per "document" (doc ids of packed rows) or per "row"."""
+    loss_group_size: int = 1
+    """Ranks that share the vocabulary in the vocab-parallel fused loss (divides world size)."""
+    chunk_size: int = 1024
+    """Positions per chunk of the fused loss."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 1e-4
+    """Peak learning rate (paper: 1e-4)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (paper: 0.1)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    max_steps: int = 100
+    """Optimizer steps of the run."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How the models are sharded."""
+
+    kind: str = "deepspeed"
+    """"deepspeed" or "fsdp2"."""
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON for the student ("auto" values are filled from this config)."""
+    teacher_ds_config: str = "ds_configs/teacher_zero3.json"
+    """DeepSpeed JSON for the frozen teacher (ZeRO-3, no optimizer)."""
+    dist_timeout_s: float = 600.0
+    """Collective timeout: a dead rank makes the others fail within this many seconds."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoints (atomic; the run resumes from the latest complete one)."""
+
+    every_steps: int = 50
+    """Save every N optimizer steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep: int = 2
+    """Complete checkpoints kept."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in the output directory if there is one."""
+    export_hf_at_end: bool = True
+    """Write the student as an HF checkpoint (output_dir/hf_student) at the end."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console and TensorBoard."""
+
+    every_steps: int = 1
+    """Log every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events to output_dir/tb (rank 0)."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation."""
+
+    every_steps: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    max_batches: int = 8
+    """Micro-batches per rank per evaluation."""
+    ece_bins: int = 10
+    """Bins of the Full-ECE calibration metric."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A distillation run."""
+
+    output_dir: str = "runs/tailkd"
+    """Checkpoints, TensorBoard events, resolved config, exported student."""
+    seed: int = 1234
+    """Seed of everything random in the run."""
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    """Teacher and student."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Sharding engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
+            raise ValueError(f"config key '{key}' must be a list of {len(typing.get_args(tp))} numbers")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp)))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"config key '{key}' must be an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ValueError(
+            f"unknown config key '{(prefix + '.') if prefix else ''}{unknown[0]}' in {where}; "
+            f"known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {n: _coerce(v, hints[n], f"{prefix}.{n}" if prefix else n) for n, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML, so 3e-4, true, [1,2] work)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like dotted.key=value (e.g. loss.beta=5)")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text != "" else ""
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read YAML (or JSON), apply overrides, validate. ValueError names the offending key."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path} does not exist")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(TrainConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no model or data (those live in the preflight)."""
+    L, O = cfg.loss, cfg.optim
+    checks = [
+        (L.divergence in DIVERGENCES, "loss.divergence", f"must be one of {', '.join(DIVERGENCES)}"),
+        (L.k >= 1, "loss.k", "must be >= 1 (paper: 10)"),
+        (L.beta > 0, "loss.beta", "must be > 0 (paper: 2)"),
+        (L.temperature > 0, "loss.temperature", "must be > 0"),
+        (0 < L.jsd_beta < 1, "loss.jsd_beta", "must lie strictly between 0 and 1"),
+        (L.beta_scope in ("document", "row"), "loss.beta_scope", "must be 'document' or 'row'"),
+        (L.loss_group_size >= 1, "loss.loss_group_size", "must be >= 1"),
+        (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
+        (L.ce_weight >= 0 and L.kd_weight >= 0, "loss.ce_weight/kd_weight", "must be >= 0"),
+        (O.lr > 0, "optim.lr", "must be > 0"),
+        (O.max_steps >= 1, "optim.max_steps", "must be >= 1"),
+        (O.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (O.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
+        (0 <= O.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]"),
+        (cfg.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1"),
+        (bool(cfg.data.path), "data.path", "must name the prepared data directory"),
+        (cfg.engine.kind in ("deepspeed", "fsdp2"), "engine.kind", "must be 'deepspeed' or 'fsdp2'"),
+        (cfg.models.dtype in ("auto", "fp32", "bf16"), "models.dtype", "must be 'auto', 'fp32' or 'bf16'"),
+        (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
+        (cfg.logging.every_steps >= 1, "logging.every_steps", "must be >= 1"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            value = _get_dotted(cfg, key.split("/")[0])
+            raise ValueError(f"config key '{key}' = {value!r} {why}")
+    for role in ("teacher", "student"):
+        spec: ModelSpec = getattr(cfg.models, role)
+        if (spec.path is None) == (spec.config is None):
+            raise ValueError(f"config key 'models.{role}': give exactly one of 'path' (an HF directory) "
+                             "or 'config' (an HF config mapping)")
+        if spec.path is not None and not os.path.isdir(spec.path):
+            raise ValueError(f"config key 'models.{role}.path' = {spec.path!r}: no such directory "
+                             "(models are never downloaded: point at a local HF checkpoint)")
+        if spec.config is not None and "model_type" not in spec.config:
+            raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
+
+
+def _get_dotted(cfg, key: str):
+    node = cfg
+    for p in key.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def dump_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """The resolved config (what checkpoints carry)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""What every engine adapter shares: the vocabulary-sharded heads, their optimizer, the body
+forward, the global gradient norm, and the per-rank extra state of a checkpoint.
+
+An engine (DeepSpeed, FSDP2) differs only in how it wraps the two bodies, runs backward and
+the optimizer step, and saves/loads/exports the body (``tailkd_dist.engines.*``); the training
+step (``tailkd_dist.step``) talks to this interface alone.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tailkd_dist.config import TrainConfig
+from tailkd_dist.models import body_of, hidden_scale, lm_head_of, untie_warning
+from tailkd_dist.parallel.lm_head import ShardedHead
+from tailkd_dist.parallel.topology import Topology
+
+
+def decay_groups(params, weight_decay: float):
+    """AdamW groups: matrices decay, vectors (norms, biases) do not."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class EngineAdapter:
+    """Base: owns the heads (see parallel/lm_head.py) and the step's bookkeeping."""
+
+    name = "base"
+
+    def __init__(self, *, cfg: TrainConfig, topo: Topology, teacher, student, vocab: int):
+        self.cfg, self.topo, self.vocab = cfg, topo, vocab
+        self.device = topo.device
+        self.loss_group = topo.group("loss")
+        untie_warning(student, "student")
+        lr, ls = topo.loss_rank, topo.loss_size
+        self.student_head = ShardedHead.from_linear(
+            lm_head_of(student), vocab=vocab, rank=lr, size=ls, trainable=True).to(self.device)
+        self.teacher_head = ShardedHead.from_linear(
+            lm_head_of(teacher), vocab=vocab, rank=lr, size=ls, trainable=False).to(self.device)
+        # Rows of a padded student lm_head beyond the common vocabulary are not trained; the
+        # export puts them back unchanged.
+        self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
+        self.student_scale = hidden_scale(student.config, role="student")
+        self.teacher_scale = hidden_scale(teacher.config, role="teacher")
+        self.student_config, self.teacher_config = student.config, teacher.config
+        self.student_body, self.teacher_body = body_of(student), body_of(teacher)
+        self.body_prefix = student.base_model_prefix
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        o = cfg.optim
+        self.head_opt = torch.optim.AdamW(
+            decay_groups(self.student_head.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+
+    # -- forward ---------------------------------------------------------------------------
+    @staticmethod
+    def _body_kwargs(batch):
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+    def _hidden(self, module, batch, scale):
+        out = module(**self._body_kwargs(batch))
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return h * scale if scale != 1.0 else h
+
+    def student_hidden(self, batch) -> torch.Tensor:
+        return self._hidden(self.student_module, batch, self.student_scale)
+
+    @torch.no_grad()
+    def teacher_hidden(self, batch) -> torch.Tensor:
+        return self._hidden(self.teacher_module, batch, self.teacher_scale)
+
+    # -- the step ---------------------------------------------------------------------------
+    def loss_scale(self, n_global: torch.Tensor) -> torch.Tensor:
+        """Factor for each micro-batch's loss SUM so the final gradients are those of the
+        sum over all ranks and micro-batches divided once by the global valid-token count."""
+        raise NotImplementedError
+
+    def body_grad_sq_norm(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish_head_grads(self) -> None:
+        """After the last micro-batch: the head shard's gradient summed over its replicas."""
+        raise NotImplementedError
+
+    def global_grad_norm(self) -> tuple[float, float]:
+        """(total, body) gradient norms: total = sqrt(|body|^2 + |all head shards|^2),
+        identical on every rank. One host sync: the clip decision needs the value."""
+        head_sq = self.student_head.grad_sq_norm().to(self.device)
+        if self.loss_group is not None:
+            dist.all_reduce(head_sq, group=self.loss_group)  # shards differ within a loss group
+        body_sq = self.body_grad_sq_norm().to(head_sq)
+        total, body = (body_sq + head_sq).sqrt().item(), body_sq.sqrt().item()
+        return total, body
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.head_opt.param_groups:
+            g["lr"] = lr
+
+    def clip_head(self, coef: float) -> None:
+        if coef < 1.0:
+            for p in self.student_head.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    # -- state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """Per-rank state outside the engine: head shard + its optimizer, RNG states."""
+        return {
+            "student_head": self.student_head.state_dict(),
+            "head_opt": self.head_opt.state_dict(),
+            "student_extra_rows": self.student_extra_rows,
+            "rng": {
+                "python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        self.student_head.load_state_dict(state["student_head"])
+        self.head_opt.load_state_dict(state["head_opt"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def full_student_head(self):
+        return self.student_head.gather_full(self.loss_group)
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    if max_norm <= 0 or not math.isfinite(total_norm) or total_norm <= max_norm:
+        return 1.0
+    return max_norm / (total_norm + 1e-6)

@@ -1,0 +1,196 @@
+"""DeepSpeed adapter: the student body in a ZeRO-1/2/3 engine, the teacher body in its own
+ZeRO-3 inference engine (no optimizer, no gradients, its own config so it can be offloaded),
+the lm_heads outside both as vocabulary shards (parallel/lm_head.py explains why).
+
+Gradient bookkeeping. DeepSpeed divides each micro-batch loss by the accumulation steps
+(gas) and averages gradients over all W ranks. Backpropagating loss_sum * gas * W / N_global
+therefore leaves every body gradient at sum(grad of loss sums) / N_global, the global mean
+over valid tokens. The head shards see the same scaled loss without DeepSpeed's averaging:
+their gradient is W / N_global times the loss group's sum, so ``finish_head_grads`` sums it
+over the data-parallel replicas (the ranks holding the same rows) and divides by W.
+
+Clipping by the GLOBAL norm (body and heads together) while DeepSpeed owns the body's
+gradient partitions: the body's norm is read from the ZeRO optimizer (the function its own
+step uses), the heads' is added, and the ZeRO optimizer's ``clip_grad`` is set for this step
+to max_norm * body / total, so its own clipping scales the body by max_norm / total: exactly
+the factor applied to the heads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups
+
+
+def _fill_auto(cfg_json: dict, values: dict) -> dict:
+    """Replace DeepSpeed "auto" values the way HF/accelerate users expect."""
+    out = copy.deepcopy(cfg_json)
+
+    def walk(node, path):
+        for key, val in list(node.items()):
+            dotted = f"{path}{key}"
+            if isinstance(val, dict):
+                walk(val, dotted + ".")
+            elif val == "auto":
+                if dotted not in values:
+                    raise ValueError(f"DeepSpeed config: no value to fill '{dotted}: auto'")
+                node[key] = values[dotted]
+
+    walk(out, "")
+    return out
+
+
+def load_ds_config(path: str, values: dict) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"config key 'engine.ds_config' / 'engine.teacher_ds_config': {path} does not exist")
+    with open(path) as f:
+        raw = json.load(f)
+    return _fill_auto(raw, values)
+
+
+def ensure_torch_distributed() -> None:
+    """DeepSpeed needs a process group even for one process."""
+    import deepspeed
+
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+class DeepSpeedAdapter(EngineAdapter):
+    name = "deepspeed"
+
+    def __init__(self, *, cfg, topo, teacher, student, vocab, dtype):
+        super().__init__(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab)
+        import deepspeed
+
+        o, W = cfg.optim, topo.world_size
+        bf16 = dtype == torch.bfloat16
+        values = {
+            "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+            "gradient_accumulation_steps": o.grad_accum,
+            "train_batch_size": cfg.data.micro_batch_size * o.grad_accum * W,
+            "gradient_clipping": 0.0,  # set per step from the global norm (module docstring)
+            "bf16.enabled": bf16,
+            "optimizer.params.lr": o.lr, "optimizer.params.betas": list(o.betas),
+            "optimizer.params.eps": o.eps, "optimizer.params.weight_decay": o.weight_decay,
+        }
+        ds_cfg = load_ds_config(cfg.engine.ds_config, values)
+        t_cfg = load_ds_config(cfg.engine.teacher_ds_config, values)
+        stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2, 3):
+            raise ValueError(f"{cfg.engine.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
+        if t_cfg.get("zero_optimization", {}).get("stage") != 3 or "optimizer" in t_cfg:
+            raise ValueError(f"{cfg.engine.teacher_ds_config}: the teacher engine must be ZeRO stage 3 "
+                             "without an optimizer (inference only)")
+        ensure_torch_distributed()
+        self.stage = stage
+        # Drop the lm_heads from the bodies' parameter sets: the shards own those rows now.
+        self.student_body.to(dtype)
+        self.teacher_body.to(dtype)
+        optimizer = None
+        if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)
+            optimizer = torch.optim.AdamW(
+                decay_groups(self.student_body.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.student_body, optimizer=optimizer, config=ds_cfg,
+            model_parameters=None if optimizer is not None else decay_groups(self.student_body.parameters(), o.weight_decay),
+        )
+        self.teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
+        self.teacher_engine.eval()
+        self.student_module, self.teacher_module = self.engine, self.teacher_engine
+        self.world = W
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+    def loss_scale(self, n_global):
+        return self.cfg.optim.grad_accum * self.world / n_global
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def finish_head_grads(self) -> None:
+        self.student_head.finish_grads(self.topo.group("dp"), divide_by=self.world)
+
+    def body_grad_sq_norm(self) -> torch.Tensor:
+        opt = self.engine.optimizer
+        # The same functions the ZeRO optimizers' own step() uses (already all-reduced).
+        if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
+            norm = opt.scaled_global_norm()
+        else:  # ZeRO-3
+            norms = opt._get_norm_groups()
+            norm = torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).pow(2).sum().sqrt()
+        norm = torch.as_tensor(norm, dtype=torch.float32) / float(getattr(opt, "loss_scale", 1.0))
+        return norm.pow(2)
+
+    def micro_step(self) -> None:
+        """Between micro-batches DeepSpeed wants step() too (it only counts there)."""
+        self.engine.step()
+
+    def step(self, *, lr: float, grad_clip: float) -> float:
+        """The optimizer step at the accumulation boundary; returns the global grad norm."""
+        assert self.engine.is_gradient_accumulation_boundary()
+        self.finish_head_grads()
+        total, body = self.global_grad_norm()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
+        coef = clip_coefficient(total, grad_clip)
+        self.engine.optimizer.clip_grad = grad_clip * body / total if coef < 1.0 else 0.0
+        self.clip_head(coef)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        self.set_lr(lr)
+        self.engine.step()
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+        return total
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, ckpt_dir: str, tag: str) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+
+    def body_state_dict(self) -> dict | None:
+        """The student body's full fp32 state dict on rank 0 (None elsewhere), gathered one
+        parameter at a time under ZeRO-3 so no rank holds more than one extra tensor."""
+        import deepspeed
+
+        rank0 = self.topo.rank == 0
+        out = {}
+        module = self.engine.module
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank0:
+                    out[name] = p.detach().to("cpu", torch.float32).clone()
+        if rank0:
+            persistent = set(module.state_dict().keys())
+            for name, b in module.named_buffers():
+                if name in persistent:  # not rotary inv_freq & co., which HF rebuilds
+                    out[name] = b.detach().cpu().clone()
+        return out if rank0 else None

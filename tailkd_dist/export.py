@@ -1,0 +1,127 @@
+"""The student as an HF checkpoint (safetensors + config + tokenizer).
+
+Used at the end of training (from the live engine) and by ``tools/export_hf.py`` (from a
+checkpoint directory, in one process on CPU: DeepSpeed's zero_to_fp32 consolidates the body,
+the head rows are concatenated from the per-rank extra files of data-parallel rank 0).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+log = logging.getLogger("tailkd_dist")
+
+
+def write_hf_student(*, hf_config, body_prefix: str, body_state: dict, head_weight: torch.Tensor,
+                     head_bias: torch.Tensor | None, extra_rows: torch.Tensor | None, out_dir: str,
+                     tokenizer_dir: str | None) -> str:
+    """Assemble an HF causal LM from the body's state dict and the full lm_head; save it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config.__class__.from_dict(hf_config.to_dict())
+    cfg.tie_word_embeddings = False  # the head was trained as its own rows (parallel/lm_head.py)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = {f"{body_prefix}.{k}": v for k, v in body_state.items()}
+    weight = head_weight.float().cpu()
+    if extra_rows is not None and extra_rows.numel():
+        weight = torch.cat([weight, extra_rows.float().cpu()])
+    head = model.get_output_embeddings()
+    state[_param_name(model, head.weight)] = weight
+    if head_bias is not None:
+        state[_param_name(model, head.bias)] = head_bias.float().cpu()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state does not fit the HF model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log.info("exported the student to %s", out_dir)
+    return out_dir
+
+
+def _param_name(model, param) -> str:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is param:
+            return name
+    raise RuntimeError("lm_head parameter not found in the model")
+
+
+def export_live(adapter, out_dir: str, *, tokenizer_dir: str | None) -> None:
+    """From a running job (every rank calls; rank 0 writes)."""
+    body = adapter.body_state_dict()
+    weight, bias = adapter.full_student_head()
+    if adapter.topo.rank == 0:
+        write_hf_student(
+            hf_config=adapter.student_config, body_prefix=adapter.body_prefix, body_state=body,
+            head_weight=weight, head_bias=bias, extra_rows=adapter.student_extra_rows,
+            out_dir=out_dir, tokenizer_dir=tokenizer_dir)
+
+
+def export_checkpoint(run_dir: str, out_dir: str, *, tag: str | None = None) -> str:
+    """From ``<run_dir>/checkpoints/<tag>`` (default: latest) in one CPU process."""
+    from transformers import AutoConfig
+
+    from tailkd_dist.config import load_config
+
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    tag = tag or open(os.path.join(ckpt_root, "latest")).read().strip()
+    path = os.path.join(ckpt_root, tag)
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise ValueError(f"{path} is not a complete checkpoint")
+    cfg = load_config(os.path.join(path, "config.yaml"))
+    meta = json.load(open(os.path.join(path, "trainer_state.json")))
+    if cfg.engine.kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        body = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
+    else:
+        body = torch.load(os.path.join(path, "body_full.pt"), map_location="cpu", weights_only=True)
+    # Global ranks 0..P-1 form the loss group of data-parallel rank 0: together, every row.
+    extras = [torch.load(os.path.join(path, f"extra_rank{r}.pt"), map_location="cpu", weights_only=False)
+              for r in range(meta["loss_group_size"])]
+    shards = [e["student_head"] for e in extras]
+    weight = torch.cat([s["weight"] for s in shards])
+    bias = torch.cat([s["bias"] for s in shards]) if "bias" in shards[0] and shards[0]["bias"] is not None else None
+    spec = cfg.models.student
+    if spec.path:
+        hf_config = AutoConfig.from_pretrained(spec.path, local_files_only=True)
+    else:
+        c = dict(spec.config)
+        hf_config = AutoConfig.for_model(c.pop("model_type"), **c)
+    extra = extras[0].get("student_extra_rows")
+    return write_hf_student(hf_config=hf_config, body_prefix=meta["body_prefix"], body_state=body,
+                            head_weight=weight, head_bias=bias, extra_rows=extra, out_dir=out_dir,
+                            tokenizer_dir=meta.get("tokenizer_dir"))
+
+
+def main(argv=None) -> int:
+    """tailkd-export-hf RUN_DIR OUT_DIR [--tag step_00000100]"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="tailkd-export-hf", description="Write a checkpoint's student as an HF model.")
+    ap.add_argument("run_dir", help="the training run's output_dir")
+    ap.add_argument("out_dir", help="where to write the HF model (replaced if present)")
+    ap.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    args = ap.parse_args(argv)
+    try:
+        export_checkpoint(args.run_dir, args.out_dir, tag=args.tag)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tailkd-export-hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}")
+    return 0

@@ -1,0 +1,111 @@
+"""One optimizer step of distillation, shared by every engine (the adapter does the rest).
+
+The loss is a SUM over valid positions, normalised once by the global count of valid tokens
+(all ranks, all micro-batches of the step): that count is known before the first forward (it
+only needs the labels), which costs one all-reduce per step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from tailkd_dist.config import TrainConfig
+from tailkd_dist.losses import STAT_KEYS, fused_linear_distill
+
+IGNORE_INDEX = -100
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to optim.lr, then cosine to lr * min_lr_ratio at max_steps (step from 0)."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, o.max_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def loss_doc_ids(batch, cfg: TrainConfig) -> torch.Tensor | None:
+    """beta(X) per document (the shards' doc ids, made unique per row across the whole job),
+    or per row."""
+    if cfg.loss.beta_scope == "row":
+        return None
+    docs = batch["doc_ids"]
+    # Doc ids restart in every row; a row index (the sample's global index) keeps two rows'
+    # documents apart when the loss gathers a group's rows. A document continued from the
+    # previous row is, for attention, a new segment anyway.
+    return batch["sample_idx"].view(-1, 1) * (docs.shape[1] + 1) + docs + 1
+
+
+@dataclass
+class StepResult:
+    stats: dict[str, float]  # global sums over the step's valid tokens
+    grad_norm: float
+    lr: float
+    tokens: int
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict:
+    L = cfg.loss
+    return dict(divergence=L.divergence, k=L.k, beta=L.beta, temperature=L.temperature,
+                ce_weight=L.ce_weight, kd_weight=L.kd_weight, jsd_beta=L.jsd_beta, chunk_size=L.chunk_size)
+
+
+def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hidden):
+    """The fused loss of one micro-batch on this rank (sums over its own positions)."""
+    return fused_linear_distill(
+        student_hidden, adapter.student_head.weight, teacher_hidden, adapter.teacher_head.weight,
+        batch["labels"], doc_ids=loss_doc_ids(batch, cfg), student_bias=adapter.student_head.bias,
+        teacher_bias=adapter.teacher_head.bias, vocab_group=adapter.loss_group, **loss_kwargs(cfg),
+    )
+
+
+def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfig) -> StepResult:
+    device = adapter.device
+    world = adapter.topo.group("world")
+    batches = [_to(b, device) for b in micro_batches]
+    n_local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
+    counts = torch.stack([n_local, torch.tensor(float(sum(b["labels"].numel() for b in batches)),
+                                                 dtype=torch.float64, device=n_local.device)])
+    if world is not None:
+        dist.all_reduce(counts, group=world)
+    n_global = counts[0].clamp_min(1.0)
+    scale = adapter.loss_scale(n_global)
+    sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
+    t_teacher = t_student = 0.0
+    adapter.train()
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        th = adapter.teacher_hidden(b)
+        t1 = time.perf_counter()
+        sh = adapter.student_hidden(b)
+        loss_sum, stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
+        adapter.backward(loss_sum * scale.to(loss_sum.dtype))
+        t_teacher += t1 - t0
+        t_student += time.perf_counter() - t1
+        sums += torch.stack([stats[k].detach().to(torch.float64) for k in STAT_KEYS])
+        if i < len(batches) - 1:
+            adapter.micro_step()
+    lr = lr_at(step, cfg)
+    t0 = time.perf_counter()
+    grad_norm = adapter.step(lr=lr, grad_clip=cfg.optim.grad_clip)
+    t_opt = time.perf_counter() - t0
+    if world is not None:
+        dist.all_reduce(sums, group=world)
+    values = dict(zip(STAT_KEYS, sums.tolist()))
+    loss = (cfg.loss.ce_weight * values["ce"] + cfg.loss.kd_weight * values["kd"]) / max(values["valid_count"], 1.0)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss}: stopping instead of training on NaN/inf")
+    return StepResult(
+        stats=values, grad_norm=grad_norm, lr=lr, tokens=int(counts[1].item()),
+        times={"teacher_forward": t_teacher, "student_forward_backward": t_student, "optimizer": t_opt},
+    )

@@ -1,0 +1,223 @@
+"""tailkd-train CONFIG.yaml [dotted.key=value ...] [--engine deepspeed|fsdp2]
+
+Launched by ``deepspeed``, ``torchrun`` or ``srun`` (the topology reads whichever environment
+it finds), or as one plain process. ``train()`` delegates: config -> topology -> preflight
+(models, vocabularies, shards) -> engine adapter -> data -> resume -> the loop (step, log,
+eval, checkpoint) -> export.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from tailkd_dist import checkpoint
+from tailkd_dist.config import TrainConfig, dump_yaml, load_config
+from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
+from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
+from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
+from tailkd_dist.step import train_step
+
+log = logging.getLogger("tailkd_dist")
+
+
+class _Stop:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption): finish the
+    current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, topo) -> bool:
+        # Ranks may receive the signal at slightly different times: agree (MAX) so every rank
+        # saves at the same step.
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=topo.device)
+        world = topo.group("world")
+        if world is not None:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=world)
+        return bool(flag.item())
+
+
+def build_topology(cfg: TrainConfig) -> Topology:
+    env = DistEnv.from_environ()
+    validate_degrees(world_size=env.world_size, loss_group_size=cfg.loss.loss_group_size)
+    if env.world_size == 1:
+        return Topology.single()
+    return Topology.build(loss_group_size=cfg.loss.loss_group_size, env=env,
+                          timeout_s=cfg.engine.dist_timeout_s)
+
+
+def make_adapter(cfg, topo, teacher, student, vocab, dtype):
+    if cfg.engine.kind == "deepspeed":
+        from tailkd_dist.engines.deepspeed_engine import DeepSpeedAdapter
+
+        return DeepSpeedAdapter(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab, dtype=dtype)
+    from tailkd_dist.engines.fsdp2_engine import FSDP2Adapter
+
+    return FSDP2Adapter(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab, dtype=dtype)
+
+
+def make_loaders(cfg: TrainConfig, *, tok_dir, vocab: int):
+    from tailkd_dist.data.dataset import LoaderConfig, make_loader
+
+    common = dict(local=cfg.data.path if cfg.data.remote is None else os.path.join(cfg.output_dir, "data_cache"),
+                  remote=cfg.data.remote, batch_size=cfg.data.micro_batch_size,
+                  num_workers=cfg.data.num_workers, tokenizer_dir=tok_dir, model_vocab_size=vocab)
+    train = make_loader(LoaderConfig(split=cfg.data.train_split, shuffle=True, seed=cfg.data.shuffle_seed,
+                                     drop_last=True, **common))
+    evals = None
+    if cfg.data.eval_split in train.dataset.manifest["splits"]:
+        evals = LoaderConfig(split=cfg.data.eval_split, shuffle=False, drop_last=False, local_check="size", **common)
+    return train, evals
+
+
+def _eval_batches(eval_cfg, n: int):
+    from tailkd_dist.data.dataset import make_loader
+
+    loader = make_loader(eval_cfg)
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) >= n:
+            break
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    topo = build_topology(cfg)
+    rank0 = topo.rank == 0
+    torch.manual_seed(cfg.seed)
+    dtype = resolve_dtype(cfg.models.dtype)
+    # Preflight: everything cheap that can be wrong, before any engine is built.
+    teacher = build_model(cfg.models.teacher, dtype=torch.float32, attention=cfg.models.attention)
+    student = build_model(cfg.models.student, dtype=torch.float32, attention=cfg.models.attention)
+    plan = plan_vocab(teacher, student, teacher_spec=cfg.models.teacher, student_spec=cfg.models.student)
+    tok = tokenizer_dir(cfg.models.student) or tokenizer_dir(cfg.models.teacher)
+    if cfg.loss.k >= plan.vocab:
+        raise ValueError(f"config key 'loss.k' = {cfg.loss.k} must be smaller than the vocabulary ({plan.vocab})")
+    train_loader, eval_cfg = make_loaders(cfg, tok_dir=tok, vocab=plan.vocab)
+
+    adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)
+    del teacher, student
+    start_step, tokens_seen = 0, 0
+    tag = checkpoint.latest_tag(cfg) if cfg.checkpoint.resume else None
+    if tag is not None:
+        state = checkpoint.load(adapter, cfg, tag)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        train_loader.load_state_dict(state["loader"])
+        if rank0:
+            log.info("resumed from %s (step %d)", tag, start_step)
+    if rank0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        dump_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    tb = TensorBoard(os.path.join(cfg.output_dir, "tb") if rank0 and cfg.logging.tensorboard else None)
+    stop = _Stop()
+    bar = None
+    if rank0 and cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.optim.max_steps, initial=start_step, desc="distil", unit="step", file=sys.stderr)
+
+    def save(step):
+        trainer_state = {
+            "step": step, "tokens": tokens_seen, "loader": train_loader.state_dict(),
+            "loss_group_size": topo.loss_size, "world_size": topo.world_size,
+            "body_prefix": adapter.body_prefix, "tokenizer_dir": tok, "vocab_note": plan.note,
+        }
+        return checkpoint.save(adapter, cfg, step=step, trainer_state=trainer_state)
+
+    history = []
+    it = iter(train_loader)
+    step = start_step
+    last_eval = None
+    stopped_by = None
+    while step < cfg.optim.max_steps:
+        t0 = time.perf_counter()
+        micro = []
+        while len(micro) < cfg.optim.grad_accum:
+            try:
+                micro.append(next(it))
+            except StopIteration:  # a new epoch (streaming's order is deterministic per epoch)
+                it = iter(train_loader)
+        res = train_step(adapter, micro, step=step, cfg=cfg)
+        step += 1
+        tokens_seen += res.tokens
+        dt = time.perf_counter() - t0
+        scalars = step_scalars(res, cfg)
+        scalars.update({"perf/tokens_per_s": res.tokens / dt, "perf/step_s": dt,
+                        **{f"time/{k}_s": v for k, v in res.times.items()}})
+        if torch.cuda.is_available():
+            scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        history.append({"step": step, **scalars})
+        if step % cfg.logging.every_steps == 0 or step == cfg.optim.max_steps:
+            tb.scalars(scalars, step)
+            if rank0:
+                msg = (f"step {step}/{cfg.optim.max_steps} loss {scalars['loss/total']:.4f} ce {scalars['loss/ce']:.4f} "
+                       f"{cfg.loss.divergence} {scalars[f'loss/{cfg.loss.divergence}']:.4f} aT {scalars['tail/teacher_mass_aT_mean']:.3f} "
+                       f"gnorm {res.grad_norm:.3f} lr {res.lr:.2e} tok/s {scalars['perf/tokens_per_s']:.0f}")
+                (bar.write(msg) if bar else print(msg, flush=True))
+        if bar:
+            bar.update(1)
+        if eval_cfg is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
+            tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
+        if stop.requested(topo):
+            stopped_by = stop.signal or "peer"
+            save(step)
+            break
+        if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
+            save(step)
+    if bar:
+        bar.close()
+    if stopped_by is None:
+        save(step)
+        if eval_cfg is not None:
+            last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
+            tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
+            if rank0:
+                print("eval: " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
+        if cfg.checkpoint.export_hf_at_end:
+            from tailkd_dist.export import export_live
+
+            export_live(adapter, os.path.join(cfg.output_dir, "hf_student"), tokenizer_dir=tok)
+    tb.close()
+    return {"history": history, "eval": last_eval, "step": step, "stopped_by": stopped_by}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tailkd-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config (see configs/ and README)")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. loss.beta=5")
+    ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = list(args.overrides) + ([f"engine.kind={args.engine}"] if args.engine else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        train(cfg)
+    except (ValueError, FloatingPointError) as e:
+        print(f"tailkd-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
