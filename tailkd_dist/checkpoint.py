@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,10 @@ def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
     adapter.save(r, tag)
     os.makedirs(path, exist_ok=True)
     torch.save(adapter.extra_state(), os.path.join(path, f"extra_rank{rank}.pt"))
+    # Fault injection for the crash-during-save test: a window between the files and the marker.
+    delay = float(os.environ.get("TAILKD_TEST_SAVE_DELAY_S", "0"))
+    if delay:
+        time.sleep(delay)
     _barrier()
     if rank == 0:
         _write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(trainer_state, indent=1))

@@ -8,11 +8,13 @@ eval, checkpoint) -> export.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 
@@ -120,6 +122,8 @@ def train(cfg: TrainConfig) -> dict:
     if rank0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        if tag is None and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
+            os.remove(os.path.join(cfg.output_dir, "metrics.jsonl"))  # a fresh run
     tb = TensorBoard(os.path.join(cfg.output_dir, "tb") if rank0 and cfg.logging.tensorboard else None)
     stop = _Stop()
     bar = None
@@ -163,6 +167,9 @@ def train(cfg: TrainConfig) -> dict:
 
             scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         history.append({"step": step, **scalars})
+        if rank0:  # machine-readable per-step record (a resumed run appends the re-run steps)
+            with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
         if step % cfg.logging.every_steps == 0 or step == cfg.optim.max_steps:
             tb.scalars(scalars, step)
             if rank0:
@@ -195,7 +202,7 @@ def train(cfg: TrainConfig) -> dict:
 
             export_live(adapter, os.path.join(cfg.output_dir, "hf_student"), tokenizer_dir=tok)
     tb.close()
-    return {"history": history, "eval": last_eval, "step": step, "stopped_by": stopped_by}
+    return {"history": history, "eval": last_eval, "step": step, "stopped_by": stopped_by, "adapter": adapter}
 
 
 def main(argv=None) -> int:
@@ -207,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed 0.19 still calls torch's pre-2.13 collective names, which warn on every call.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = list(args.overrides) + ([f"engine.kind={args.engine}"] if args.engine else [])

@@ -1,0 +1,13 @@
+"""Streaming data for tailkd_dist: `tailkd-prepare-data` writes MDS shards; the loader reads them.
+
+- `tailkd_dist.data.prepare`: the prepare tool (corpus -> tokens -> packed rows -> MDS shards).
+- `tailkd_dist.data.dataset`: `LoaderConfig`, `make_loader`, `PackedTokenDataset`, `check_compat`.
+
+Submodules are imported on demand, so `import tailkd_dist.data` stays cheap; `streaming` is only
+ever imported through `tailkd_dist.data.streaming_compat` (see there why).
+"""
+
+MANIFEST = "manifest.json"
+"""Written beside the split directories, last: tokenizer, seq_len, source and counts."""
+FORMAT = "tailkd-packed-tokens/1"
+"""Layout version recorded in the manifest; the loader refuses other layouts."""

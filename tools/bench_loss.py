@@ -1,0 +1,124 @@
+"""Benchmark: fused vs naive distillation loss, TAD vs forward KL (issue "The exact TAD loss").
+
+    python tools/bench_loss.py                 # N=2048, d=512, V in {32003, 128256}
+    python tools/bench_loss.py --vocab 32003   # one vocabulary
+
+For each (V, divergence) it measures one forward+backward of
+  (a) naive: full [N, V] logits by matmul, the dense loss (tailkd_dist.losses.dense) and
+      autograd — what a plain training loop does;
+  (b) fused: tailkd_dist.losses.fused_linear_distill at the default chunk size (and any
+      extra --chunks), gradients formed chunk by chunk.
+Both compute CE + divergence (k=10, beta=2) and the gradients w.r.t. student hidden states
+and lm_head weight. Every measurement runs in its own process (peak memory on CPU is the
+process's high-water mark); time is the best of --repeats calls, memory is from the first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
+
+
+def _inputs(n, d, v, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # normal_ in place: no temporaries that would lift the RSS high-water mark before the call
+    mk = lambda *shape, std: torch.empty(*shape, dtype=dtype).normal_(0, std, generator=g).to(device)  # noqa: E731
+    hs, ht = mk(n, d, std=1.0), mk(n, d, std=1.0)
+    ws, wt = mk(v, d, std=0.02), mk(v, d, std=0.05)
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    return hs.requires_grad_(), ws.requires_grad_(), ht, wt, labels
+
+
+def one(args) -> dict:
+    from tailkd_dist.losses import cross_entropy, forward_kl, fused_linear_distill, tad_divergence
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    hs, ws, ht, wt, labels = _inputs(args.n, args.d, args.vocab, device, dtype)
+
+    def naive():
+        s = hs @ ws.t()
+        with torch.no_grad():
+            t = ht @ wt.t()
+        s32, t32 = s.float(), t.float()
+        kd = tad_divergence(s32, t32, k=10, beta=2.0) if args.div == "tad" else forward_kl(s32, t32)
+        (cross_entropy(s32, labels) + kd).sum().backward()
+
+    def fused():
+        loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=args.div, k=10, beta=2.0,
+                                       chunk_size=args.chunk)
+        loss.backward()
+
+    fn = naive if args.impl == "naive" else fused
+    secs, peak = benchutil.measure(fn, device=device)
+    times = [secs]
+    for _ in range(args.repeats - 1):
+        hs.grad = ws.grad = None
+        times.append(benchutil.measure(fn, device=device)[0] if device.type == "cuda" else _time(fn))
+    return {"seconds": min(times), "peak": peak}
+
+
+def _time(fn):
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2048, help="positions")
+    ap.add_argument("--d", type=int, default=512, help="hidden size (student and teacher)")
+    ap.add_argument("--vocab", type=int, nargs="*", default=[32003, 128256])
+    ap.add_argument("--chunks", type=int, nargs="*", default=[256], help="extra fused chunk sizes to show")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", choices=["naive", "fused"], help=argparse.SUPPRESS)
+    ap.add_argument("--div", choices=["tad", "forward_kl"], help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        args.vocab = args.vocab[0]
+        print(json.dumps(one(args)))
+        return
+
+    me = os.path.abspath(__file__)
+    common = ["--n", str(args.n), "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    rows = []
+    for v in args.vocab:
+        res = {}
+        for div in ("forward_kl", "tad"):
+            for impl, chunk in [("naive", 1024), ("fused", 1024)] + [("fused", c) for c in args.chunks]:
+                r = benchutil.run_isolated(me, ["--one", "--impl", impl, "--div", div, "--chunk", str(chunk),
+                                                "--vocab", str(v)] + common)
+                res[(div, impl, chunk)] = r
+                print(f"  V={v} {div:10s} {impl:5s} chunk={chunk:5d}: {r['seconds']:.2f} s, "
+                      f"peak {benchutil.mib(r['peak'])} MiB", file=sys.stderr, flush=True)
+        for div in ("forward_kl", "tad"):
+            nv = res[(div, "naive", 1024)]
+            for chunk in [1024] + args.chunks:
+                fu = res[(div, "fused", chunk)]
+                kl = res[("forward_kl", "fused", chunk)]
+                rows.append([
+                    v, div, chunk, f"{nv['seconds']:.2f}", f"{fu['seconds']:.2f}",
+                    f"{fu['seconds'] / nv['seconds']:.2f}", benchutil.mib(nv["peak"]), benchutil.mib(fu["peak"]),
+                    f"{100 * fu['peak'] / nv['peak']:.1f}%", f"{fu['seconds'] / kl['seconds']:.2f}",
+                ])
+    print(f"N={args.n}, d={args.d}, {args.dtype}, k=10, beta=2, CE + divergence, fwd+bwd; {benchutil.machine()}")
+    print(benchutil.table(
+        ["V", "divergence", "fused chunk", "naive s", "fused s", "fused/naive time", "naive peak MiB",
+         "fused peak MiB", "fused/naive memory", "fused time / fused KL time"],
+        rows,
+    ))
+
+
+if __name__ == "__main__":
+    main()
