@@ -159,9 +159,11 @@ def export_check(config: str) -> None:
         live = h @ adapter.student_head.weight.t()
         hf = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "hf_student"))
         hf.eval()
-        exported = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        # use_cache=False as in training: without a KV cache HF reads document boundaries from
+        # the restarting position ids and masks attention per document.
+        exported = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         rel = ((exported - live).norm() / live.norm()).item()
-        gen = hf.generate(batch["input_ids"][:1, :8], max_new_tokens=5, do_sample=False)
+        gen = hf.generate(batch["input_ids"][:1, :8], max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert gen.shape[1] == 13, gen.shape
     assert rel <= 1e-6, f"exported logits differ from the engine's: relative {rel:.2e}"
     print(f"EXPORT_OK rel={rel:.2e}")

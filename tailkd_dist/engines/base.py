@@ -39,11 +39,7 @@ class EngineAdapter:
         self.device = topo.device
         self.loss_group = topo.group("loss")
         untie_warning(student, "student")
-        lr, ls = topo.loss_rank, topo.loss_size
-        self.student_head = ShardedHead.from_linear(
-            lm_head_of(student), vocab=vocab, rank=lr, size=ls, trainable=True).to(self.device)
-        self.teacher_head = ShardedHead.from_linear(
-            lm_head_of(teacher), vocab=vocab, rank=lr, size=ls, trainable=False).to(self.device)
+        self._init_heads(teacher=teacher, student=student, vocab=vocab)
         # Rows of a padded student lm_head beyond the common vocabulary are not trained; the
         # export puts them back unchanged.
         self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
@@ -54,13 +50,27 @@ class EngineAdapter:
         self.body_prefix = student.base_model_prefix
         for p in teacher.parameters():
             p.requires_grad_(False)
-        o = cfg.optim
+
+    def _init_heads(self, *, teacher, student, vocab: int) -> None:
+        """``student_head`` / ``teacher_head`` (objects whose ``.weight`` / ``.bias`` are this
+        rank's row slice, as the fused loss takes them) and ``head_opt``. Default: shards held
+        outside the engine, with their own AdamW (parallel/lm_head.py). An engine that keeps
+        the heads inside its own sharded model (FSDP2) overrides this."""
+        lr, ls = self.topo.loss_rank, self.topo.loss_size
+        self.student_head = ShardedHead.from_linear(
+            lm_head_of(student), vocab=vocab, rank=lr, size=ls, trainable=True).to(self.device)
+        self.teacher_head = ShardedHead.from_linear(
+            lm_head_of(teacher), vocab=vocab, rank=lr, size=ls, trainable=False).to(self.device)
+        o = self.cfg.optim
         self.head_opt = torch.optim.AdamW(
             decay_groups(self.student_head.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
 
     # -- forward ---------------------------------------------------------------------------
     @staticmethod
     def _body_kwargs(batch):
+        # No KV cache: then HF (>= 4.53) reads document starts from the restarting position ids
+        # of packed rows and masks attention per document (packed-sequence detection), so a
+        # document never attends to the one before it in the row.
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
     def _hidden(self, module, batch, scale):
@@ -115,25 +125,33 @@ class EngineAdapter:
             "student_head": self.student_head.state_dict(),
             "head_opt": self.head_opt.state_dict(),
             "student_extra_rows": self.student_extra_rows,
-            "rng": {
-                "python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def load_extra_state(self, state: dict) -> None:
         self.student_head.load_state_dict(state["student_head"])
         self.head_opt.load_state_dict(state["head_opt"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        set_rng_state(state["rng"])
 
     def full_student_head(self):
         return self.student_head.gather_full(self.loss_group)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, cuda) for a checkpoint."""
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

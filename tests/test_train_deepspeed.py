@@ -1,0 +1,178 @@
+"""End-to-end tests of tailkd-train on DeepSpeed (CPU, gloo): tiny Llama teacher/student built
+from HF configs, data from the real prepare tool (python-stdlib slice)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer_utils import (
+    REPO, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run, wait_for_step,
+    write_config,
+)
+
+REL = 1e-5  # float32; ranks sum in a different order than one process
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
+
+
+@pytest.fixture(autouse=True)
+def _shm():
+    yield
+    cleanup_shm()
+
+
+def _close(a: dict, b: dict, rel: float, what: str):
+    assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
+    for s in a:
+        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
+
+
+@pytest.mark.slow
+def test_loss_goes_down_on_stdlib_shards(data, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", optim__max_steps=30, optim__lr=1e-2,
+                       optim__warmup_steps=3, checkpoint__export_hf_at_end=False, data__micro_batch_size=4)
+    run(cfg)
+    ls = losses(tmp_path / "run")
+    first = sum(ls[s] for s in (1, 2, 3)) / 3
+    last = sum(ls[s] for s in (28, 29, 30)) / 3
+    assert all(math.isfinite(v) for v in ls.values())
+    assert last < first - 0.3, (first, last)  # ln(512) = 6.24 at the start
+
+
+@pytest.mark.slow
+def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
+    """2 ranks x micro-batch 2 and 1 rank x micro-batch 2 x 2 accumulation steps see the same
+    global batches (streaming's order does not depend on the number of ranks), so the
+    per-step global losses must agree."""
+    single = write_config(tmp_path / "single.yaml", data, tmp_path / "single", optim__grad_accum=2,
+                          checkpoint__export_hf_at_end=False)
+    run(single)
+    ref = losses(tmp_path / "single")
+    assert len(ref) == 3 and ref[1] > 0
+    cases = {
+        "zero2_lg1_deepspeed_launcher": ("deepspeed", "zero2.json", 1),
+        "zero3_lg2_torchrun": ("torchrun", "zero3.json", 2),
+        "zero3_lg1_torchrun": ("torchrun", "zero3.json", 1),
+    }
+    for name, (launcher, ds, lg) in cases.items():
+        cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, loss__loss_group_size=lg,
+                           engine__ds_config=str(REPO / "ds_configs" / ds), checkpoint__export_hf_at_end=False)
+        run(cfg, launcher=launcher, nproc=2)
+        _close(losses(tmp_path / name), ref, REL, name)
+
+
+@pytest.mark.slow
+def test_sigkill_a_rank_then_resume_is_exact(data, tmp_path):
+    kw = dict(optim__max_steps=6, checkpoint__every_steps=2, checkpoint__export_hf_at_end=False,
+              loss__loss_group_size=2, engine__ds_config=str(REPO / "ds_configs/zero3.json"))
+    full = write_config(tmp_path / "full.yaml", data, tmp_path / "full", **kw)
+    run(full, launcher="torchrun", nproc=2)
+    ref = losses(tmp_path / "full")
+
+    cfg = write_config(tmp_path / "killed.yaml", data, tmp_path / "killed", **kw)
+    proc = subprocess.Popen(command(cfg, launcher="torchrun", nproc=2), env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "killed", 3, proc)
+    kill_one_worker(proc)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert (tmp_path / "killed/checkpoints/latest").read_text().strip() in ("step_00000002", "step_00000004")
+    out = run(cfg, launcher="torchrun", nproc=2)
+    assert "resumed from step_0000000" in out.stderr + out.stdout
+    # The resumed run restores weights, optimizer, head shards, RNG and the loader position;
+    # gloo reduces in a fixed order, so the re-run steps should be bitwise equal. 1e-6 leaves
+    # room for BLAS thread scheduling, far below any real divergence.
+    _close(losses(tmp_path / "killed"), ref, 1e-6, "resumed")
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_resumes_previous(data, tmp_path):
+    out_dir = tmp_path / "run"
+    first = write_config(tmp_path / "a.yaml", data, out_dir, optim__max_steps=2, checkpoint__export_hf_at_end=False)
+    run(first)
+    assert (out_dir / "checkpoints/latest").read_text().strip() == "step_00000002"
+    cfg = write_config(tmp_path / "b.yaml", data, out_dir, optim__max_steps=6, checkpoint__every_steps=2,
+                       checkpoint__export_hf_at_end=False)
+    e = env()
+    e["TAILKD_TEST_SAVE_DELAY_S"] = "60"
+    proc = subprocess.Popen(command(cfg), env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = out_dir / "checkpoints/step_00000004"
+    t0 = time.time()
+    while not (partial / "extra_rank0.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - t0 < 240, "the save of step 4 never started"
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL in the middle of the save
+    proc.wait()
+    assert not (partial / "COMPLETE").exists()
+    assert (out_dir / "checkpoints/latest").read_text().strip() == "step_00000002"
+    out = run(cfg)
+    assert "resumed from step_00000002" in out.stderr + out.stdout
+    assert (out_dir / "checkpoints/latest").read_text().strip() == "step_00000006"
+    assert (out_dir / "checkpoints/step_00000004/COMPLETE").exists()  # re-saved, complete this time
+
+
+@pytest.mark.slow
+def test_tensorboard_tags_and_hf_export(data, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", optim__max_steps=3, eval__every_steps=2)
+    out = subprocess.run([sys.executable, "-c", f"import trainer_utils; trainer_utils.export_check({str(cfg)!r})"],
+                         env={**env(), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])},
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "EXPORT_OK" in out.stdout, out.stderr[-4000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run/tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    wanted = {
+        "loss/total", "loss/ce", "loss/kl", "loss/d1", "loss/at_d2", "loss/tad",
+        "tail/teacher_mass_aT_mean", "tail/teacher_mass_aT_std", "tail/student_mass_aS_mean",
+        "tail/student_mass_aS_std", "tail/beta_x_mean", "tail/topk_coverage", "entropy/teacher",
+        "entropy/student", "agreement/top1", "optim/lr", "optim/grad_norm", "perf/tokens_per_s",
+        "time/teacher_forward_s", "time/student_forward_backward_s", "time/optimizer_s",
+        "eval/student_nll", "eval/student_ppl", "eval/teacher_nll", "eval/top1_agreement", "eval/kl",
+        "eval/full_ece",
+    }
+    assert wanted <= tags, sorted(wanted - tags)
+    for tag in wanted:
+        values = [e.value for e in acc.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), tag
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3]
+
+
+BAD = {
+    "unknown_key": ({"loss__bogus": 1}, "unknown config key 'loss.bogus'"),
+    "k_ge_vocab": ({"loss__k": 512}, "loss.k"),
+    "beta_le_0": ({"loss__beta": 0.0}, "loss.beta"),
+    "missing_model_dir": ({"models__teacher": {"path": "/nonexistent/teacher"}}, "models.teacher.path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_configs_exit_with_one_clear_line(data, tmp_path, case):
+    overrides, needle = BAD[case]
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", **overrides)
+    out = run(cfg, check=False, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tailkd-train: error:") and needle in last, last
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing written
+
+
+def test_world_size_not_divisible_by_loss_group(data, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", loss__loss_group_size=2)
+    e = {**env(), "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3",
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    out = subprocess.run(command(cfg), env=e, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tailkd-train: error:") and "3" in last and "2" in last, last
