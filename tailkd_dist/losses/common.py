@@ -15,7 +15,8 @@ MEAN_TAIL_FLOOR = 1e-6
 
 
 def check_loss_args(
-    *, k: int, beta: float, temperature: float, divergence: str = "tad", jsd_beta: float = 0.5
+    *, k: int, beta: float, temperature: float, divergence: str = "tad", jsd_beta: float = 0.5,
+    jsd_name: str = "jsd_beta",
 ) -> None:
     """ValueError (naming the argument and the fix) for settings that can never be right."""
     if divergence not in DIVERGENCES:
@@ -30,7 +31,7 @@ def check_loss_args(
         raise ValueError(f"temperature={temperature!r} must be > 0 (1.0 = no softening)")
     if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
         raise ValueError(
-            f"jsd_beta={jsd_beta!r} must lie strictly between 0 and 1; for the end points use "
+            f"{jsd_name}={jsd_beta!r} must lie strictly between 0 and 1; for the end points use "
             "divergence='forward_kl' or 'reverse_kl'"
         )
 

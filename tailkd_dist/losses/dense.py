@@ -67,7 +67,7 @@ def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0, mask
 def jsd(student_logits, teacher_logits, *, beta: float = 0.5, temperature: float = 1.0, mask=None):
     """Generalised JSD of GKD (Agarwal et al. 2024), times tau^2, per position:
     m = beta*p + (1-beta)*q, JSD = beta*KL(p||m) + (1-beta)*KL(q||m)."""
-    check_loss_args(k=1, beta=1.0, temperature=temperature, divergence="jsd", jsd_beta=beta)
+    check_loss_args(k=1, beta=1.0, temperature=temperature, divergence="jsd", jsd_beta=beta, jsd_name="beta")
     log_p, log_q, mask = _prepare(student_logits, teacher_logits, temperature, mask)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     val = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (

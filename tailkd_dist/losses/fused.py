@@ -110,7 +110,8 @@ def _fkl_grad(blk):
 def _tad_grad(blk):
     # j in K: q_j - p_j; j in tail: (q_j - p_j) + (beta(X)-1) (q_j aT/aS - p_j)  (spec).
     # q_j aT/aS is formed as exp(log q_j + log aT - log aS): exact even when aS underflows.
-    tail = torch.add(blk.log_q, blk.log_ratio[:, None]).exp_()
+    # Clamped: top-k entries (zeroed next) could overflow; tail entries are <= aT <= 1 anyway.
+    tail = torch.add(blk.log_q, blk.log_ratio[:, None]).clamp_(max=0.0).exp_()
     blk.add_at_top(tail, -tail.gather(1, blk.top_local))
     tail.sub_(blk.p)
     blk.add_at_top(tail, blk.p.gather(1, blk.top_local))  # K entries back to exactly 0
@@ -376,7 +377,7 @@ class _Chunker:
         self.labels, self.valid, self.cdtype = labels, valid, cdtype
         self.k_pad = opts.k + 1
         self.kk = min(opts.k + 1, layout.vocab_local)
-        self.raw_ce = opts.tau != 1.0 and opts.ce_weight != 0.0
+        self.raw_ce = opts.tau != 1.0  # CE (loss term and stat) is at tau = 1
 
     def candidates(self, x):
         return _local_candidates(x, self.kk, self.L.vocab_offset, self.k_pad)
@@ -399,7 +400,9 @@ class _Chunker:
         """sum over this rank's tail entries of exp(x - tail_max), row-blocked."""
         out = x.new_empty(x.shape[0])
         for r0, r1 in _blocks(x.shape[0], x.shape[1]):
-            s = torch.sub(x[r0:r1], tail_max[r0:r1, None]).exp_()
+            # Top-k entries lie above the tail's max: clamp so their exp cannot overflow before
+            # they are zeroed (tail entries are <= 0 anyway).
+            s = torch.sub(x[r0:r1], tail_max[r0:r1, None]).clamp_(max=0.0).exp_()
             _add_at(s, top_local[r0:r1], owned[r0:r1], -s.gather(1, top_local[r0:r1]))
             out[r0:r1] = s.sum(-1)
         return out
