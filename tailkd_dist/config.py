@@ -36,7 +36,8 @@ class ModelsConfig:
     """The teacher (frozen) and the student (trained)."""
 
     teacher: ModelSpec = field(default_factory=ModelSpec)
-    """The teacher model."""
+    """The teacher model; may be left empty only with loss.divergence: none (plain CE training,
+    e.g. of a teacher), where no teacher is built."""
     student: ModelSpec = field(default_factory=ModelSpec)
     """The student model."""
     dtype: str = "auto"
@@ -128,6 +129,8 @@ class EngineConfig:
     """DeepSpeed JSON for the frozen teacher (ZeRO-3, no optimizer)."""
     dist_timeout_s: float = 600.0
     """Collective timeout: a dead rank makes the others fail within this many seconds."""
+    activation_checkpointing: bool = False
+    """fsdp2: recompute each student decoder block's activations in backward (less memory)."""
 
 
 @dataclass(kw_only=True)
@@ -324,6 +327,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' = {value!r} {why}")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
+        if role == "teacher" and spec.path is None and spec.config is None and L.divergence == "none":
+            continue  # CE-only training needs no teacher
         if (spec.path is None) == (spec.config is None):
             raise ValueError(f"config key 'models.{role}': give exactly one of 'path' (an HF directory) "
                              "or 'config' (an HF config mapping)")

@@ -71,10 +71,11 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
         th, sh = adapter.teacher_hidden(b), adapter.student_hidden(b)
         _, st = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
         # The teacher's own NLL: the fused loss with the teacher as "student", CE only.
+        tw, tb = adapter.teacher_weights()
+        th = sh if th is None else th
         _, tst = fused_linear_distill(
-            th, adapter.teacher_head.weight, th, adapter.teacher_head.weight, b["labels"],
-            **{**kw, "divergence": "none"}, student_bias=adapter.teacher_head.bias,
-            teacher_bias=adapter.teacher_head.bias, vocab_group=adapter.loss_group)
+            th, tw, th, tw, b["labels"], **{**kw, "divergence": "none"}, student_bias=tb,
+            teacher_bias=tb, vocab_group=adapter.loss_group)
         sums += torch.stack([st[k].double() for k in STAT_KEYS] + [tst["ce"].double()])
         ece += full_ece_bins(sh, adapter.student_head.weight, adapter.student_head.bias, b["labels"],
                              bins=cfg.eval.ece_bins, group=adapter.loss_group)

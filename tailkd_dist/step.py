@@ -62,10 +62,13 @@ def loss_kwargs(cfg: TrainConfig) -> dict:
 
 def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hidden):
     """The fused loss of one micro-batch on this rank (sums over its own positions)."""
+    t_weight, t_bias = adapter.teacher_weights()
+    if teacher_hidden is None:  # CE-only training without a teacher
+        teacher_hidden = student_hidden.detach()
     return fused_linear_distill(
-        student_hidden, adapter.student_head.weight, teacher_hidden, adapter.teacher_head.weight,
+        student_hidden, adapter.student_head.weight, teacher_hidden, t_weight,
         batch["labels"], doc_ids=loss_doc_ids(batch, cfg), student_bias=adapter.student_head.bias,
-        teacher_bias=adapter.teacher_head.bias, vocab_group=adapter.loss_group, **loss_kwargs(cfg),
+        teacher_bias=t_bias, vocab_group=adapter.loss_group, **loss_kwargs(cfg),
     )
 
 

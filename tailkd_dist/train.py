@@ -101,9 +101,12 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.models.dtype)
     # Preflight: everything cheap that can be wrong, before any engine is built.
-    teacher = build_model(cfg.models.teacher, dtype=torch.float32, attention=cfg.models.attention)
+    has_teacher = cfg.models.teacher.path is not None or cfg.models.teacher.config is not None
+    teacher = build_model(cfg.models.teacher, dtype=torch.float32, attention=cfg.models.attention) if has_teacher else None
     student = build_model(cfg.models.student, dtype=torch.float32, attention=cfg.models.attention)
-    plan = plan_vocab(teacher, student, teacher_spec=cfg.models.teacher, student_spec=cfg.models.student)
+    plan = plan_vocab(teacher if has_teacher else student, student,
+                      teacher_spec=cfg.models.teacher if has_teacher else cfg.models.student,
+                      student_spec=cfg.models.student)
     tok = tokenizer_dir(cfg.models.student) or tokenizer_dir(cfg.models.teacher)
     if cfg.loss.k >= plan.vocab:
         raise ValueError(f"config key 'loss.k' = {cfg.loss.k} must be smaller than the vocabulary ({plan.vocab})")

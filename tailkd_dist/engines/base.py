@@ -44,11 +44,12 @@ class EngineAdapter:
         # export puts them back unchanged.
         self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
         self.student_scale = hidden_scale(student.config, role="student")
-        self.teacher_scale = hidden_scale(teacher.config, role="teacher")
-        self.student_config, self.teacher_config = student.config, teacher.config
-        self.student_body, self.teacher_body = body_of(student), body_of(teacher)
+        self.teacher_scale = hidden_scale(teacher.config, role="teacher") if teacher is not None else 1.0
+        self.student_config = student.config
+        self.student_body = body_of(student)
+        self.teacher_body = body_of(teacher) if teacher is not None else None
         self.body_prefix = student.base_model_prefix
-        for p in teacher.parameters():
+        for p in teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
 
     def _init_heads(self, *, teacher, student, vocab: int) -> None:
@@ -59,7 +60,10 @@ class EngineAdapter:
         lr, ls = self.topo.loss_rank, self.topo.loss_size
         self.student_head = ShardedHead.from_linear(
             lm_head_of(student), vocab=vocab, rank=lr, size=ls, trainable=True).to(self.device)
-        self.teacher_head = ShardedHead.from_linear(
+        # No teacher (CE-only training): the student's own detached outputs stand in, so the
+        # loss's teacher-side statistics are trivially those of the student.
+        self.has_teacher = teacher is not None
+        self.teacher_head = None if teacher is None else ShardedHead.from_linear(
             lm_head_of(teacher), vocab=vocab, rank=lr, size=ls, trainable=False).to(self.device)
         o = self.cfg.optim
         self.head_opt = torch.optim.AdamW(
@@ -82,8 +86,15 @@ class EngineAdapter:
         return self._hidden(self.student_module, batch, self.student_scale)
 
     @torch.no_grad()
-    def teacher_hidden(self, batch) -> torch.Tensor:
+    def teacher_hidden(self, batch) -> torch.Tensor | None:
+        if not self.has_teacher:
+            return None
         return self._hidden(self.teacher_module, batch, self.teacher_scale)
+
+    def teacher_weights(self):
+        """(weight, bias) of the teacher's head shard (the student's, detached, without one)."""
+        head = self.teacher_head if self.has_teacher else self.student_head
+        return head.weight.detach(), None if head.bias is None else head.bias.detach()
 
     # -- the step ---------------------------------------------------------------------------
     def loss_scale(self, n_global: torch.Tensor) -> torch.Tensor:

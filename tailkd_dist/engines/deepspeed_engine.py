@@ -104,7 +104,8 @@ class DeepSpeedAdapter(EngineAdapter):
         self.stage = stage
         # Drop the lm_heads from the bodies' parameter sets: the shards own those rows now.
         self.student_body.to(dtype)
-        self.teacher_body.to(dtype)
+        if self.has_teacher:
+            self.teacher_body.to(dtype)
         optimizer = None
         if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)
             optimizer = torch.optim.AdamW(
@@ -113,8 +114,10 @@ class DeepSpeedAdapter(EngineAdapter):
             model=self.student_body, optimizer=optimizer, config=ds_cfg,
             model_parameters=None if optimizer is not None else decay_groups(self.student_body.parameters(), o.weight_decay),
         )
-        self.teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
-        self.teacher_engine.eval()
+        self.teacher_engine = None
+        if self.has_teacher:
+            self.teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
+            self.teacher_engine.eval()
         self.student_module, self.teacher_module = self.engine, self.teacher_engine
         self.world = W
 
