@@ -25,6 +25,17 @@ TOL = {F32: 1e-5, F64: 1e-10}
 DT_ID = {F32: "f32", F64: "f64"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intraop_thread():
+    """Every tensor here is tiny: on a small, shared CPU machine torch's intra-op threads only
+    add synchronisation (measured: 2 min vs 25 s for this file on 2 busy cores). Restored
+    after the module so other test files are unaffected."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def impl():
     """The code under test, imported lazily so the reference self-tests run on their own.
     A failing import FAILS the test (never skips it)."""

@@ -327,9 +327,14 @@ def _blocks(n_rows: int, v_local: int):
     return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b, tau: float, cdtype) -> torch.Tensor:
-    z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
-    z = z.to(cdtype)
+def _logits(h: torch.Tensor, w: torch.Tensor, b, tau: float, cdtype, buf: torch.Tensor) -> torch.Tensor:
+    """Logits of a chunk written into a buffer reused across chunks: a fresh [chunk, V_r]
+    allocation per chunk costs page faults comparable to the element-wise work itself."""
+    z = buf[: h.shape[0]]
+    if w.dtype == cdtype:
+        torch.addmm(b, h, w.t(), out=z) if b is not None else torch.mm(h, w.t(), out=z)
+    else:  # bf16/fp16 matmul, fp32 math
+        z.copy_(torch.addmm(b, h, w.t()) if b is not None else h @ w.t())
     if tau != 1.0:
         z.div_(tau)
     return z
@@ -378,6 +383,9 @@ class _Chunker:
         self.k_pad = opts.k + 1
         self.kk = min(opts.k + 1, layout.vocab_local)
         self.raw_ce = opts.tau != 1.0  # CE (loss term and stat) is at tau = 1
+        rows = min(opts.chunk_size, hs.shape[0])
+        self.t_buf = torch.empty(rows, layout.vocab_local, dtype=cdtype, device=hs.device)
+        self.s_buf = torch.empty(rows, layout.vocab_local, dtype=cdtype, device=hs.device)
 
     def candidates(self, x):
         return _local_candidates(x, self.kk, self.L.vocab_offset, self.k_pad)
@@ -416,7 +424,7 @@ class _Chunker:
         bad = torch.zeros((), dtype=self.cdtype, device=self.hs.device)
         for c0 in range(0, n, self.o.chunk_size):
             c1 = min(c0 + self.o.chunk_size, n)
-            t = _logits(self.ht[c0:c1], self.wt, self.bt, self.o.tau, self.cdtype)
+            t = _logits(self.ht[c0:c1], self.wt, self.bt, self.o.tau, self.cdtype, self.t_buf)
             vals, idx, z = self.candidates(t)
             t_bad = self.nonfinite_rows(t, vals)
             g = vp.all_gather_stats(torch.cat([vals[:, :k], idx[:, :k], z[:, None]], 1), self.L.group)
@@ -438,8 +446,8 @@ class _Chunker:
     def chunk(self, c0, c1, cache, beta_x_all):
         o, L, k = self.o, self.L, self.o.k
         rows = slice(c0, c1)
-        t = _logits(self.ht[rows], self.wt, self.bt, o.tau, self.cdtype)
-        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype)
+        t = _logits(self.ht[rows], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
+        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
         parts = []
         if cache is None:
             tv, ti, tz = self.candidates(t)
@@ -539,10 +547,10 @@ class _Chunker:
         bad = (tok["t_bad"] * vf).sum() if cache is None else None
 
         if not L.needs_grad:
-            return per_tok, bad, None
+            return per_tok, bad
         self.write_grads(t, s, rows, top_local, owned, tok, lse_s, lse_raw, log_at - log_as, lab_owned, lab_local)
-        del t  # the teacher's logits are dead: free them before the weight-gradient matmul
-        return per_tok, bad, self.grad_matmuls(s, rows)
+        self.grad_matmuls(s, rows)
+        return per_tok, bad
 
     def _block(self, t, s, r0, r1, top_local, owned, **extra):
         return _Block(
@@ -579,11 +587,18 @@ class _Chunker:
                 _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None], -ce_row[r0:r1, None])
 
     def grad_matmuls(self, g, rows):
+        """The two backward matmuls of a chunk, accumulated straight into the call's gradient
+        buffers (no [V_r, d] temporary per chunk when the dtypes agree)."""
         gs = g.to(self.ws.dtype)
-        gh = gs @ self.ws
-        gw = gs.t() @ self.hs[rows]
-        gb = gs.sum(0) if self.bs is not None else None
-        return gh, gw, gb
+        h = self.hs[rows]
+        if self.gh.dtype == gs.dtype:
+            torch.mm(gs, self.ws, out=self.gh[rows])
+            self.gw.addmm_(gs.t(), h)
+        else:
+            self.gh[rows] = gs @ self.ws
+            self.gw += gs.t() @ h
+        if self.gb is not None:
+            self.gb += gs.sum(0)
 
     def beta_from(self, a_t):
         seg = document_segments(self.docs)
@@ -598,23 +613,19 @@ class _Chunker:
             cache = (top, lse, log_at)
             beta_x_all = self.beta_from(log_at.exp())
         per_tok = torch.zeros(n, len(STAT_KEYS), dtype=self.cdtype, device=self.hs.device)
-        gh = gw = gb = None
+        self.gh = self.gw = self.gb = None
         if self.L.needs_grad:
-            gh = torch.zeros(n, self.hs.shape[1], dtype=torch.float32 if self.hs.dtype != torch.float64 else torch.float64, device=self.hs.device)
-            gw = torch.zeros(self.ws.shape, dtype=gh.dtype, device=self.hs.device)
-            gb = torch.zeros(self.ws.shape[0], dtype=gh.dtype, device=self.hs.device) if self.bs is not None else None
+            acc = torch.float64 if self.hs.dtype == torch.float64 else torch.float32  # fp32 grads for bf16
+            self.gh = torch.empty(n, self.hs.shape[1], dtype=acc, device=self.hs.device)
+            self.gw = torch.zeros(self.ws.shape, dtype=acc, device=self.hs.device)
+            self.gb = torch.zeros(self.ws.shape[0], dtype=acc, device=self.hs.device) if self.bs is not None else None
         for c0 in range(0, n, self.o.chunk_size):
             c1 = min(c0 + self.o.chunk_size, n)
-            pt, bad, grads = self.chunk(c0, c1, cache, beta_x_all)
+            pt, bad = self.chunk(c0, c1, cache, beta_x_all)
             per_tok[c0:c1] = pt
             if bad is not None:
                 bad_total = bad_total + bad
-            if grads is not None:
-                gh[c0:c1] = grads[0]
-                gw += grads[1]
-                if gb is not None:
-                    gb += grads[2]
-        return per_tok, bad_total, (gh, gw, gb)
+        return per_tok, bad_total, (self.gh, self.gw, self.gb)
 
 
 class _FusedDistill(torch.autograd.Function):
