@@ -84,24 +84,29 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
     n_global = counts[0].clamp_min(1.0)
     scale = adapter.loss_scale(n_global)
     sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
-    t_teacher = t_student = 0.0
+    # Wall-clock split of the step (on GPUs without a sync: enqueue time, indicative only).
+    times = dict.fromkeys(("teacher_forward", "student_forward", "loss", "student_backward", "optimizer"), 0.0)
     adapter.train()
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
         th = adapter.teacher_hidden(b)
         t1 = time.perf_counter()
         sh = adapter.student_hidden(b)
+        t2 = time.perf_counter()
         loss_sum, stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
+        t3 = time.perf_counter()
         adapter.backward(loss_sum * scale.to(loss_sum.dtype))
-        t_teacher += t1 - t0
-        t_student += time.perf_counter() - t1
+        t4 = time.perf_counter()
+        for key, dt in zip(("teacher_forward", "student_forward", "loss", "student_backward"),
+                           (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[key] += dt
         sums += torch.stack([stats[k].detach().to(torch.float64) for k in STAT_KEYS])
         if i < len(batches) - 1:
             adapter.micro_step()
     lr = lr_at(step, cfg)
     t0 = time.perf_counter()
     grad_norm = adapter.step(lr=lr, grad_clip=cfg.optim.grad_clip)
-    t_opt = time.perf_counter() - t0
+    times["optimizer"] = time.perf_counter() - t0
     if world is not None:
         dist.all_reduce(sums, group=world)
     values = dict(zip(STAT_KEYS, sums.tolist()))
@@ -110,5 +115,5 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
         raise FloatingPointError(f"step {step}: loss is {loss}: stopping instead of training on NaN/inf")
     return StepResult(
         stats=values, grad_norm=grad_norm, lr=lr, tokens=int(counts[1].item()),
-        times={"teacher_forward": t_teacher, "student_forward_backward": t_student, "optimizer": t_opt},
+        times=times,
     )

@@ -138,7 +138,8 @@ def test_tensorboard_tags_and_hf_export(data, tmp_path):
         "tail/teacher_mass_aT_mean", "tail/teacher_mass_aT_std", "tail/student_mass_aS_mean",
         "tail/student_mass_aS_std", "tail/beta_x_mean", "tail/topk_coverage", "entropy/teacher",
         "entropy/student", "agreement/top1", "optim/lr", "optim/grad_norm", "perf/tokens_per_s",
-        "time/teacher_forward_s", "time/student_forward_backward_s", "time/optimizer_s",
+        "time/teacher_forward_s", "time/student_forward_s", "time/loss_s", "time/student_backward_s",
+        "time/optimizer_s", "perf/peak_rss_gib",
         "eval/student_nll", "eval/student_ppl", "eval/teacher_nll", "eval/top1_agreement", "eval/kl",
         "eval/full_ece",
     }

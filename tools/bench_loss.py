@@ -11,6 +11,8 @@ For each (V, divergence) it measures one forward+backward of
 Both compute CE + divergence (k=10, beta=2) and the gradients w.r.t. student hidden states
 and lm_head weight. Every measurement runs in its own process (peak memory on CPU is the
 process's high-water mark); time is the best of --repeats calls, memory is from the first.
+On CPU the time is the process's CPU time with --threads threads (default 1): the machine is
+shared, and CPU time is what other jobs do not inflate.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def one(args) -> dict:
     from tailkd_dist.losses import cross_entropy, forward_kl, fused_linear_distill, tad_divergence
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     hs, ws, ht, wt, labels = _inputs(args.n, args.d, args.vocab, device, dtype)
 
@@ -67,9 +70,9 @@ def one(args) -> dict:
 def _time(fn):
     import time
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, as benchutil.measure on CPU
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def main(argv=None):
@@ -80,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, nargs="*", default=[256], help="extra fused chunk sizes to show")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", choices=["naive", "fused"], help=argparse.SUPPRESS)
     ap.add_argument("--div", choices=["tad", "forward_kl"], help=argparse.SUPPRESS)
@@ -91,7 +95,8 @@ def main(argv=None):
         return
 
     me = os.path.abspath(__file__)
-    common = ["--n", str(args.n), "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    common = ["--n", str(args.n), "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats),
+              "--threads", str(args.threads)]
     rows = []
     for v in args.vocab:
         res = {}
@@ -112,7 +117,9 @@ def main(argv=None):
                     f"{fu['seconds'] / nv['seconds']:.2f}", benchutil.mib(nv["peak"]), benchutil.mib(fu["peak"]),
                     f"{100 * fu['peak'] / nv['peak']:.1f}%", f"{fu['seconds'] / kl['seconds']:.2f}",
                 ])
-    print(f"N={args.n}, d={args.d}, {args.dtype}, k=10, beta=2, CE + divergence, fwd+bwd; {benchutil.machine()}")
+    clock = "wall s (CUDA)" if torch.cuda.is_available() else f"CPU s of the process ({args.threads} thread(s))"
+    print(f"N={args.n}, d={args.d}, {args.dtype}, k=10, beta=2, CE + divergence, fwd+bwd, time = {clock}, "
+          f"best of {args.repeats}; {benchutil.machine()}")
     print(benchutil.table(
         ["V", "divergence", "fused chunk", "naive s", "fused s", "fused/naive time", "naive peak MiB",
          "fused peak MiB", "fused/naive memory", "fused time / fused KL time"],

@@ -29,7 +29,10 @@ def _peak_rss_bytes() -> int:
 
 
 def measure(fn, *, device: torch.device) -> tuple[float, int]:
-    """Run fn() once: (seconds, peak extra bytes above the state before the call)."""
+    """Run fn() once: (seconds, peak extra bytes above the state before the call).
+
+    Seconds are wall time on CUDA and this process's CPU time on CPU: the CPU machines are
+    shared, and CPU time (all threads) is what other jobs on the cores do not inflate."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -41,9 +44,9 @@ def measure(fn, *, device: torch.device) -> tuple[float, int]:
     before = _rss_bytes()
     if _peak_rss_bytes() > before + (64 << 20):
         raise RuntimeError("the process's RSS peaked before the measured call: measure in a fresh process")
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0, max(0, _peak_rss_bytes() - before)
+    return time.process_time() - t0, max(0, _peak_rss_bytes() - before)
 
 
 def run_isolated(script: str, args: list[str], *, timeout: float = 1800) -> dict:
