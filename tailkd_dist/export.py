@@ -2,7 +2,8 @@
 
 Used at the end of training (from the live engine) and by ``tools/export_hf.py`` (from a
 checkpoint directory, in one process on CPU: DeepSpeed's zero_to_fp32 consolidates the body,
-the head rows are concatenated from the per-rank extra files of data-parallel rank 0).
+the head rows are concatenated from the per-rank extra files of data-parallel rank 0; for
+FSDP2 the model entries of the DCP files are read, without a process group).
 """
 from __future__ import annotations
 
@@ -88,14 +89,17 @@ def export_checkpoint(run_dir: str, out_dir: str, *, tag: str | None = None) -> 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         body = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
-    else:
-        body = torch.load(os.path.join(path, "body_full.pt"), map_location="cpu", weights_only=True)
-    # Global ranks 0..P-1 form the loss group of data-parallel rank 0: together, every row.
-    extras = [torch.load(os.path.join(path, f"extra_rank{r}.pt"), map_location="cpu", weights_only=False)
-              for r in range(meta["loss_group_size"])]
-    shards = [e["student_head"] for e in extras]
-    weight = torch.cat([s["weight"] for s in shards])
-    bias = torch.cat([s["bias"] for s in shards]) if "bias" in shards[0] and shards[0]["bias"] is not None else None
+        # Global ranks 0..P-1 form the loss group of data-parallel rank 0: together, every row.
+        extras = [torch.load(os.path.join(path, f"extra_rank{r}.pt"), map_location="cpu", weights_only=False)
+                  for r in range(meta["loss_group_size"])]
+        shards = [e["student_head"] for e in extras]
+        weight = torch.cat([s["weight"] for s in shards])
+        bias = torch.cat([s["bias"] for s in shards]) if "bias" in shards[0] and shards[0]["bias"] is not None else None
+    else:  # fsdp2: body and head are DTensor shards in the DCP files, consolidated here
+        from tailkd_dist.engines.fsdp2_engine import read_dcp_student
+
+        body, weight, bias = read_dcp_student(path)
+        extras = [torch.load(os.path.join(path, "extra_rank0.pt"), map_location="cpu", weights_only=False)]
     spec = cfg.models.student
     if spec.path:
         hf_config = AutoConfig.from_pretrained(spec.path, local_files_only=True)

@@ -1,0 +1,394 @@
+"""FSDP2 adapter: teacher and student bodies under ``torch.distributed.fsdp.fully_shard``
+(per decoder block and at the root), the lm_heads as DTensors whose local row shards feed the
+vocab-parallel fused loss IN PLACE, checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Mesh. The FSDP shard group IS the loss group: with ``loss.loss_group_size`` equal to the world
+size the models are fully sharded over the 1-D mesh ``topo.mesh["loss"]``; with a smaller loss
+group they are sharded within each loss group and replicated across them (HSDP on the 2-D mesh
+``topo.mesh`` = ("dp", "loss"): placements (Replicate(), Shard(0))). One process gets a 1-rank
+mesh (a private 1-rank process group), so the same code runs everywhere.
+
+lm_heads. FSDP2 shards every parameter on dim 0 in ``torch.chunk`` style (ceil(V/P) rows per
+rank, the last ranks fewer or none): for an lm_head [V, d] a rank's local shard is a CONTIGUOUS
+VOCABULARY SLICE, in shard-rank order, which is exactly what the fused loss takes with
+``vocab_group`` = the loss group (any contiguous split in rank order; uneven V is fine). So the
+heads are not given to ``fully_shard`` at all (its forward pre-hook would all-gather them, and
+the loss never calls the head module anyway): each head weight (and bias) is made a DTensor
+parameter here, ``distribute_tensor(rows, mesh, (Replicate(),)*k + (Shard(0),))`` with the same
+mesh and the same chunking FSDP uses for the body, and the loss gets ``weight.to_local()``,
+i.e. the rank's rows, never gathered (tests/test_train_fsdp2.py watches every collective).
+
+Where the head gradient lands, and why it is right:
+
+* ``to_local`` is differentiable: the loss's gradient w.r.t. the local rows comes back through
+  it as a DTensor gradient with the given ``grad_placements`` and is accumulated by autograd
+  into ``weight.grad`` -- a DTensor on the same mesh with the parameter's shape, exactly what
+  torch's AdamW and ``clip_grad_norm_``-style norms over DTensors expect (they see one more
+  sharded parameter, like every FSDP-managed one).
+* Within a loss group the fused loss already returns, on each rank, the gradient of the GROUP's
+  total loss w.r.t. that rank's rows (it gathers the group's hidden states), so on the shard
+  dimension the local gradient is complete: placement Shard(0).
+* Across HSDP replicas (mesh dim "dp") every replica computed its own data's gradient for the
+  same rows: the true gradient is their SUM, so the replicate dimension is declared Partial()
+  in ``grad_placements``; ``step`` redistributes it to the parameter's placements (one
+  all-reduce over "dp" per step, after all micro-batches) -- this is what FSDP2's HSDP does
+  for the body with its all-reduce over the replicate group.
+* Scale: FSDP2 AVERAGES body gradients over all W = dp * shard ranks (reduce-scatter within
+  the shard group, all-reduce across replicas, divided by W) and SUMS micro-batches into the
+  sharded gradient. The step back-propagates ``loss_sum * W / N_global`` (``loss_scale``), so
+  each body gradient ends as sum_ranks,micro(grad of loss sums) / N_global, the global
+  per-token mean. The head rows saw the same scaled loss without FSDP's division: after the
+  "dp" sum their gradient is W / N_global times the global sum, so ``step`` divides by W.
+  Body and head gradients are then on the same footing (as in the DeepSpeed adapter).
+
+Precision. With ``models.dtype`` bf16 on GPUs the student body runs under
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 master shards, bf16
+compute, fp32 gradient reduction); its head shard is an fp32 master too and is cast to bf16 for
+the loss (which wants hidden states and weights in one dtype; the gradient comes back through
+the cast as fp32). The frozen teacher, body and head, is stored in bf16 (no master copy). On
+CPU everything is fp32.
+
+Clipping uses the global norm over every student gradient (body and head DTensors together,
+one reduction per mesh dimension) and the same coefficient formula as the DeepSpeed path.
+
+Tied input/output embeddings are untied (warned by the base class): the head is a copy of the
+output rows, the embedding stays in the body. Padded rows beyond the common vocabulary are
+kept aside and written back by the export (base class).
+
+Checkpoints: ``adapter.save`` writes model + optimizer state (``get_state_dict``: DTensor
+shards, head included, FQNs "body.<...>" and "lm_head.weight"/"lm_head.bias") with
+``dcp.save`` under ``<tag>/dcp`` and a small ``fsdp2.json``; ``checkpoint.py`` adds the per-rank
+RNG states and the trainer state and marks the checkpoint COMPLETE after every rank is done,
+so a save killed half-way is never resumed. ``export.export_checkpoint`` reads the model
+entries of the DCP directory in one process (no process group).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups, rng_state, set_rng_state
+from tailkd_dist.models import lm_head_of
+
+log = logging.getLogger("tailkd_dist")
+
+DCP_DIR = "dcp"
+META_FILE = "fsdp2.json"
+BODY_KEY = "body"  # FQN prefix of the body inside the checkpointed student
+HEAD_KEY = "lm_head"
+
+
+class VocabShardedHead(nn.Module):
+    """An lm_head as DTensor parameters sharded on dim 0 (rows = vocabulary) over ``mesh``.
+    Never run forward: the fused loss reads :meth:`local_weight` / :meth:`local_bias`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, mesh, device: torch.device,
+                 trainable: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+        self.placements = tuple([Replicate()] * (mesh.ndim - 1) + [Shard(0)])
+        # The local part of the gradient is complete along the shard dim and a partial sum
+        # along the replicate (HSDP "dp") dim, if any (module docstring).
+        self.grad_placements = tuple([Partial()] * (mesh.ndim - 1) + [Shard(0)])
+
+        def shard(t):
+            # Every rank holds the same full rows (same seed / same files): take the local chunk
+            # without communication, exactly as fully_shard does for the body.
+            dt = distribute_tensor(t.detach().to(device, dtype).contiguous(), mesh, self.placements,
+                                   src_data_rank=None)
+            return nn.Parameter(dt, requires_grad=trainable)
+
+        self.weight = shard(weight)
+        self.bias = None if bias is None else shard(bias)
+
+    def _local(self, p):
+        if p is None:
+            return None
+        if p.requires_grad and torch.is_grad_enabled():
+            return p.to_local(grad_placements=self.grad_placements)
+        return p.to_local()
+
+    def local_weight(self) -> torch.Tensor:
+        return self._local(self.weight)
+
+    def local_bias(self) -> torch.Tensor | None:
+        return self._local(self.bias)
+
+
+class _LocalRows:
+    """What ``step.py`` / ``metrics.py`` read as ``adapter.student_head``: ``.weight`` and
+    ``.bias`` are this rank's rows (``to_local`` views, a fresh autograd edge each access), cast
+    to the compute dtype like FSDP's ``param_dtype`` does for the body (the fused loss wants
+    hidden states and weights in one dtype; the gradient flows back through the cast into
+    the fp32 master shard)."""
+
+    def __init__(self, head: VocabShardedHead, compute_dtype: torch.dtype):
+        self.head, self.compute_dtype = head, compute_dtype
+
+    def _cast(self, t):
+        return t if t is None or t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._cast(self.head.local_weight())
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._cast(self.head.local_bias())
+
+
+class _Student(nn.Module):
+    """The trained student as one module for DCP: body (FSDP) + head (DTensor shards)."""
+
+    def __init__(self, body: nn.Module, head: VocabShardedHead):
+        super().__init__()
+        setattr(self, BODY_KEY, body)
+        setattr(self, HEAD_KEY, head)
+
+
+def _decoder_layers(body: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, block) of every decoder block: HF's ``_no_split_modules`` classes,
+    else the children of ``body.layers``."""
+    names = set(getattr(body, "_no_split_modules", None) or [])
+    found = []
+    if names:
+        for parent in body.modules():
+            for attr, child in parent.named_children():
+                if type(child).__name__ in names:
+                    found.append((parent, attr, child))
+    if not found and isinstance(getattr(body, "layers", None), nn.ModuleList):
+        found = [(body.layers, str(i), m) for i, m in enumerate(body.layers)]
+    if not found:
+        raise ValueError(f"{type(body).__name__}: cannot find its decoder blocks to shard one by one")
+    return found
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """FSDP2 and DTensors need a process group, also for one process: a private 1-rank one."""
+    if dist.is_initialized():
+        return
+    extra = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1, **extra)
+
+
+class FSDP2Adapter(EngineAdapter):
+    name = "fsdp2"
+
+    def __init__(self, *, cfg, topo, teacher, student, vocab, dtype):
+        super().__init__(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.world = topo.world_size
+        if topo.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            _ensure_process_group(self.device)
+            self.mesh = init_device_mesh(self.device.type, (1,))
+        elif topo.dp_size == 1:
+            self.mesh = topo.mesh["loss"]  # FSDP over every rank
+        else:
+            self.mesh = topo.mesh  # HSDP: replicate over "dp", shard over "loss"
+        if topo.loss_size == 1 and topo.world_size > 1 and topo.rank == 0:
+            log.warning("engine fsdp2 shards the models over the loss group, which has 1 rank here: "
+                        "every rank holds full replicas (HSDP with shard size 1); set "
+                        "loss.loss_group_size=%d to fully shard", topo.world_size)
+
+        on_gpu = self.device.type == "cuda"
+        if dtype != torch.float32 and not on_gpu and topo.rank == 0:
+            log.warning("engine fsdp2 on CPU computes in float32 (models.dtype %s ignored)", dtype)
+        # Student: fp32 master parameters, compute in `dtype`, gradients reduced in fp32.
+        compute = dtype if on_gpu else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) \
+            if compute != torch.float32 else MixedPrecisionPolicy()
+
+        # Heads first (they are copies of the rows 0..vocab-1 of each model's lm_head), so that
+        # fully_shard never sees them: the bodies do not contain the lm_heads.
+        # The student's head keeps fp32 master rows (like the body); the frozen teacher's is
+        # stored in the compute dtype, as its body is.
+        self.student_lm_head = self._make_head(student, trainable=True, dtype=torch.float32)
+        self.student_head = _LocalRows(self.student_lm_head, compute)
+        self.teacher_lm_head = self.teacher_head = None
+        if teacher is not None:  # None: CE-only training (loss.divergence none)
+            self.teacher_lm_head = self._make_head(teacher, trainable=False, dtype=compute)
+            self.teacher_head = _LocalRows(self.teacher_lm_head, compute)
+
+        blocks = _decoder_layers(self.student_body)
+        if cfg.engine.activation_checkpointing:
+            # Non-reentrant checkpointing around each block, and FSDP around the wrapper (as
+            # torchtitan does): the block's all-gather stays outside the recomputed region.
+            # State-dict FQNs drop the wrapper's "_checkpoint_wrapped_module." (DCP does that).
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                CheckpointImpl, checkpoint_wrapper)
+
+            for i, (parent, attr, block) in enumerate(blocks):
+                wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                setattr(parent, attr, wrapped)
+                blocks[i] = (parent, attr, wrapped)
+        for _, _, block in blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(self.student_body, mesh=self.mesh, mp_policy=mp)
+        # Teacher: frozen, no master copy needed (stored in the compute dtype on GPUs), every
+        # unit resharded right after its forward (the root too: there is no backward).
+        if self.teacher_body is not None:
+            self.teacher_body.requires_grad_(False)
+            self.teacher_body.to(compute)
+            for _, _, block in _decoder_layers(self.teacher_body):
+                fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
+            fully_shard(self.teacher_body, mesh=self.mesh, reshard_after_forward=True)
+            self.teacher_body.eval()
+
+        self.student = _Student(self.student_body, self.student_lm_head)
+        self.student_module, self.teacher_module = self.student_body, self.teacher_body
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.student.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+
+    def _init_heads(self, *, teacher, student, vocab):
+        """The heads live in the sharded student here (built in __init__ once the mesh exists);
+        there is no separate head optimizer."""
+        self.has_teacher = teacher is not None
+        self.student_head = self.teacher_head = self.head_opt = None
+
+    def _make_head(self, model, *, trainable: bool, dtype: torch.dtype) -> VocabShardedHead:
+        head = lm_head_of(model)
+        bias = getattr(head, "bias", None)
+        return VocabShardedHead(head.weight[: self.vocab], None if bias is None else bias[: self.vocab],
+                                mesh=self.mesh, device=self.device, trainable=trainable, dtype=dtype)
+
+    # -- the step ---------------------------------------------------------------------------
+    def train(self):
+        self.student.train()
+
+    def eval(self):
+        self.student.eval()
+
+    def loss_scale(self, n_global):
+        return self.world / n_global  # FSDP2 divides by W (module docstring)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def micro_step(self) -> None:
+        """FSDP2 reduce-scatters every micro-batch and sums into the sharded gradients."""
+
+    def finish_head_grads(self) -> None:
+        """The head gradient: summed over the replicas (HSDP), divided by W (module docstring)."""
+        for p in self.student_lm_head.parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            if tuple(g.placements) != tuple(p.placements):
+                g = g.redistribute(p.device_mesh, p.placements)  # Partial("dp") -> Replicate: all-reduce
+            p.grad = g.div_(self.world) if self.world != 1 else g
+
+    def step(self, *, lr: float, grad_clip: float) -> float:
+        """The optimizer step after the last micro-batch; returns the global grad norm."""
+        self.finish_head_grads()
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # partial sums over the shard dim -> the global norm
+        total = float(norm)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
+        coef = clip_coefficient(total, grad_clip)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, ckpt_dir: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(ckpt_dir, tag)
+        dcp.save(self._state(), checkpoint_id=os.path.join(path, DCP_DIR))
+        if self.topo.rank == 0:
+            bias = self.student_lm_head.bias is not None
+            meta = {"format": "tailkd-fsdp2/1", "dcp": DCP_DIR, "body": f"model.{BODY_KEY}.",
+                    "head_weight": f"model.{HEAD_KEY}.weight",
+                    "head_bias": f"model.{HEAD_KEY}.bias" if bias else None,
+                    "body_prefix": self.body_prefix, "vocab": self.vocab}
+            with open(os.path.join(path, META_FILE), "w") as f:
+                json.dump(meta, f, indent=1)
+
+    def load(self, ckpt_dir: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, tag, DCP_DIR))
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def extra_state(self) -> dict:
+        """Per rank: RNG states (model, head and optimizer are in the DCP files)."""
+        return {"student_extra_rows": self.student_extra_rows, "rng": rng_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        set_rng_state(state["rng"])
+
+    # -- export -----------------------------------------------------------------------------
+    def body_state_dict(self) -> dict | None:
+        """The student body's full fp32 state dict on rank 0 (None elsewhere), gathered by
+        DCP's state-dict API (one FSDP unit at a time, offloaded to CPU on rank 0)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.student_body,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.topo.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in sd.items()}
+
+    def full_student_head(self):
+        """The whole student lm_head (every rank; export only)."""
+        w = self.student_lm_head.weight.full_tensor().detach().cpu()
+        b = self.student_lm_head.bias
+        return w, None if b is None else b.full_tensor().detach().cpu()
+
+
+def read_dcp_student(ckpt_path: str) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """(body state dict, full head weight, full head bias) from a checkpoint directory written
+    by :class:`FSDP2Adapter`, in one process without a process group (model entries only: the
+    optimizer state is not read)."""
+    import torch.distributed.checkpoint as dcp
+
+    with open(os.path.join(ckpt_path, META_FILE)) as f:
+        meta = json.load(f)
+    reader = dcp.FileSystemReader(os.path.join(ckpt_path, meta["dcp"]))
+    md = reader.read_metadata()
+    wanted = [k for k in md.state_dict_metadata if k.startswith(meta["body"])
+              or k in (meta["head_weight"], meta["head_bias"])]
+    flat = {}
+    for k in wanted:
+        m = md.state_dict_metadata[k]
+        flat[k] = torch.empty(m.size, dtype=m.properties.dtype)
+    state = {"model": {k[len("model."):]: v for k, v in flat.items()}}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended here
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    model = state["model"]
+    body_pfx = meta["body"][len("model."):]
+    body = {k[len(body_pfx):]: v for k, v in model.items() if k.startswith(body_pfx)}
+    weight = model[meta["head_weight"][len("model."):]]
+    bias = model[meta["head_bias"][len("model."):]] if meta["head_bias"] else None
+    return body, weight, bias
