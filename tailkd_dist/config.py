@@ -87,8 +87,10 @@ class LossConfig:
     """Mixture weight of the generalised JSD."""
     beta_scope: str = "document"
     """TAD's beta(X) per "document" (doc ids of packed rows) or per "row"."""
-    loss_group_size: int = 1
-    """Ranks that share the vocabulary in the vocab-parallel fused loss (divides world size)."""
+    loss_group_size: int = 0
+    """Ranks that share the vocabulary in the vocab-parallel fused loss (divides the world
+    size). 0 = auto: the whole world under fsdp2 (the loss group is the FSDP shard group),
+    1 under deepspeed (every rank holds the whole lm_head)."""
     chunk_size: int = 1024
     """Positions per chunk of the fused loss."""
 
@@ -305,7 +307,7 @@ def validate(cfg: TrainConfig) -> None:
         (L.temperature > 0, "loss.temperature", "must be > 0"),
         (0 < L.jsd_beta < 1, "loss.jsd_beta", "must lie strictly between 0 and 1"),
         (L.beta_scope in ("document", "row"), "loss.beta_scope", "must be 'document' or 'row'"),
-        (L.loss_group_size >= 1, "loss.loss_group_size", "must be >= 1"),
+        (L.loss_group_size >= 0, "loss.loss_group_size", "must be >= 1 (or 0 for auto)"),
         (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
         (L.ce_weight >= 0 and L.kd_weight >= 0, "loss.ce_weight/kd_weight", "must be >= 0"),
         (O.lr > 0, "optim.lr", "must be > 0"),
@@ -337,6 +339,13 @@ def validate(cfg: TrainConfig) -> None:
                              "(models are never downloaded: point at a local HF checkpoint)")
         if spec.config is not None and "model_type" not in spec.config:
             raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
+
+
+def resolve_loss_group(cfg: TrainConfig, world_size: int) -> int:
+    """loss.loss_group_size with "auto" (0) resolved for this world size; written back."""
+    if cfg.loss.loss_group_size == 0:
+        cfg.loss.loss_group_size = world_size if cfg.engine.kind == "fsdp2" else 1
+    return cfg.loss.loss_group_size
 
 
 def _get_dotted(cfg, key: str):

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from tailkd_dist import checkpoint
-from tailkd_dist.config import TrainConfig, dump_yaml, load_config
+from tailkd_dist.config import TrainConfig, dump_yaml, load_config, resolve_loss_group
 from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
@@ -52,6 +52,7 @@ class _Stop:
 
 def build_topology(cfg: TrainConfig) -> Topology:
     env = DistEnv.from_environ()
+    resolve_loss_group(cfg, env.world_size)
     validate_degrees(world_size=env.world_size, loss_group_size=cfg.loss.loss_group_size)
     if env.world_size == 1:
         return Topology.single()

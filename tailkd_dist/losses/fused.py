@@ -655,9 +655,13 @@ class _FusedDistill(torch.autograd.Function):
         cdtype = torch.float64 if sh.dtype == torch.float64 else torch.float32
         if layout.vocab >= 2**24 and cdtype == torch.float32:
             raise ValueError(f"V={layout.vocab} >= 2**24: token ids would not be exact in the float32 candidate exchange")
+        # Matmuls run in the hidden states' dtype (bf16 bodies with fp32 master heads: one cast
+        # of each weight shard per call, not per chunk); the math stays in fp32/fp64 and the
+        # gradients are accumulated in fp32 and returned in each input's own dtype.
+        mm = lambda x, like: None if x is None else (x if x.dtype == like.dtype else x.to(like.dtype))  # noqa: E731
         runner = _Chunker(
-            opts=opts, layout=layout, hs=hs, ws=sw, bs=sb, ht=ht, wt=tw, bt=tb, labels=lab,
-            valid=valid, docs=docs, cdtype=cdtype,
+            opts=opts, layout=layout, hs=hs, ws=mm(sw, hs), bs=mm(sb, hs), ht=ht, wt=mm(tw, ht), bt=mm(tb, ht),
+            labels=lab, valid=valid, docs=docs, cdtype=cdtype,
         )
         per_tok, bad_teacher, (gh, gw, gb) = runner.run()
         bad_labels = (valid & ((lab < 0) | (lab >= layout.vocab))).sum()
