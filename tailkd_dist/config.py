@@ -44,6 +44,9 @@ class ModelsConfig:
     """Parameter/compute dtype: "auto" (bf16 on GPUs that support it, fp32 on CPU), "fp32", "bf16"."""
     attention: str = "sdpa"
     """HF attention implementation for both models: "sdpa" or "eager"."""
+    freeze_embeddings: bool = False
+    """Keep the student's input embeddings fixed (the paper copies them from the teacher and
+    freezes them; see tailkd-derive-student). An untied output head still trains."""
 
 
 @dataclass(kw_only=True)
@@ -93,6 +96,12 @@ class LossConfig:
     1 under deepspeed (every rank holds the whole lm_head)."""
     chunk_size: int = 1024
     """Positions per chunk of the fused loss."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state cosine term (0 = off): mean over mapped layers of
+    1 - cos(P h_student, h_teacher), summed over valid positions (tailkd_dist/hidden.py)."""
+    hidden_layer_map: list | None = None
+    """Teacher layer for each student layer (-1 skips one); default: the map recorded by
+    tailkd-derive-student in the student's directory, else an even spread."""
 
 
 @dataclass(kw_only=True)
@@ -310,6 +319,9 @@ def validate(cfg: TrainConfig) -> None:
         (L.loss_group_size >= 0, "loss.loss_group_size", "must be >= 1 (or 0 for auto)"),
         (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
         (L.ce_weight >= 0 and L.kd_weight >= 0, "loss.ce_weight/kd_weight", "must be >= 0"),
+        (L.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0"),
+        (L.hidden_weight == 0 or L.divergence != "none" or cfg.models.teacher.path or cfg.models.teacher.config,
+         "loss.hidden_weight", "needs a teacher"),
         (O.lr > 0, "optim.lr", "must be > 0"),
         (O.max_steps >= 1, "optim.max_steps", "must be >= 1"),
         (O.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),

@@ -6,8 +6,8 @@ other loss terms and normalised once by the global valid-token count. P_i is a l
 projection when the widths differ (identity otherwise); it trains with the student, lives in
 its checkpoint, and is not exported into the HF student.
 
-Layers are numbered as HF's ``output_hidden_states`` tuple minus the embeddings: layer i is
-``hidden_states[i + 1]`` (the last one is after the final norm). The default map is the one
+Layer i's state is the output of decoder block i (captured by a forward hook; for the last
+block that is before the final norm). The default map is the one
 ``tailkd-derive-student`` recorded (student layer i <- the teacher layer it was copied from),
 else an even spread (student layer i <- teacher layer round((i+1) L_t / L_s) - 1).
 """

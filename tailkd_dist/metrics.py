@@ -79,6 +79,7 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
         sums += torch.stack([st[k].double() for k in STAT_KEYS] + [tst["ce"].double()])
         ece += full_ece_bins(sh, adapter.student_head.weight, adapter.student_head.bias, b["labels"],
                              bins=cfg.eval.ece_bins, group=adapter.loss_group)
+        adapter.last_states.clear()  # the hidden-state term's layers are not evaluated
     if world is not None:
         dist.all_reduce(sums, group=world)
         dist.all_reduce(ece, group=world)
@@ -104,7 +105,7 @@ def step_scalars(res, cfg) -> dict[str, float]:
     n = max(v["valid_count"], 1.0)
     mean = lambda k: v[k] / n  # noqa: E731
     spread = lambda k: math.sqrt(max(v[f"{k}_sq"] / n - mean(k) ** 2, 0.0))  # noqa: E731
-    total = cfg.loss.ce_weight * mean("ce") + cfg.loss.kd_weight * mean("kd")
+    total = cfg.loss.ce_weight * mean("ce") + cfg.loss.kd_weight * mean("kd") + cfg.loss.hidden_weight * mean("hidden_cos")
     out = {
         "loss/total": total, "loss/ce": mean("ce"), "loss/kl": mean("kl"), "loss/d1": mean("d1"),
         "loss/at_d2": mean("at_d2"), f"loss/{cfg.loss.divergence}": mean("kd"),
@@ -117,6 +118,8 @@ def step_scalars(res, cfg) -> dict[str, float]:
     }
     if cfg.loss.divergence == "tad":
         out["tail/beta_x_mean"] = mean("beta_x")
+    if cfg.loss.hidden_weight:
+        out["loss/hidden_cos"] = mean("hidden_cos")
     return out
 
 

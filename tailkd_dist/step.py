@@ -84,6 +84,7 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
     n_global = counts[0].clamp_min(1.0)
     scale = adapter.loss_scale(n_global)
     sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
+    hidden_sum = torch.zeros((), dtype=torch.float64, device=device)
     # Wall-clock split of the step (on GPUs without a sync: enqueue time, indicative only).
     times = dict.fromkeys(("teacher_forward", "student_forward", "loss", "student_backward", "optimizer"), 0.0)
     adapter.train()
@@ -94,6 +95,10 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
         sh = adapter.student_hidden(b)
         t2 = time.perf_counter()
         loss_sum, stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
+        cos_sum = adapter.hidden_term_sum(b["labels"] != IGNORE_INDEX)
+        if cos_sum is not None:
+            loss_sum = loss_sum + cfg.loss.hidden_weight * cos_sum
+            hidden_sum += cos_sum.detach().to(torch.float64)
         t3 = time.perf_counter()
         adapter.backward(loss_sum * scale.to(loss_sum.dtype))
         t4 = time.perf_counter()
@@ -107,10 +112,12 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
     t0 = time.perf_counter()
     grad_norm = adapter.step(lr=lr, grad_clip=cfg.optim.grad_clip)
     times["optimizer"] = time.perf_counter() - t0
+    sums = torch.cat([sums, hidden_sum.view(1)])
     if world is not None:
         dist.all_reduce(sums, group=world)
-    values = dict(zip(STAT_KEYS, sums.tolist()))
-    loss = (cfg.loss.ce_weight * values["ce"] + cfg.loss.kd_weight * values["kd"]) / max(values["valid_count"], 1.0)
+    values = dict(zip(list(STAT_KEYS) + ["hidden_cos"], sums.tolist()))
+    loss = (cfg.loss.ce_weight * values["ce"] + cfg.loss.kd_weight * values["kd"]
+            + cfg.loss.hidden_weight * values["hidden_cos"]) / max(values["valid_count"], 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}: stopping instead of training on NaN/inf")
     return StepResult(

@@ -9,6 +9,7 @@ hash explicitly (`check_compat(tokenizer_sha256=...)`) when that happens.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,17 +34,22 @@ PAD_TOKEN = "<|pad|>"
 
 
 def tokenizer_sha256(tokenizer_dir: str | os.PathLike) -> str:
-    """sha256 over the tokenizer files in `tokenizer_dir` (name and bytes, in name order)."""
+    """sha256 of what token ids MEAN for the tokenizer in `tokenizer_dir`: every token string
+    with its id (added and special tokens included), in id order.
+
+    Not a hash of the files' bytes: the same tokenizer re-saved by another transformers version
+    (or copied into a model directory by `save_pretrained`) writes different bytes but maps ids
+    to the same tokens, which is all that token-level distillation and the shards need."""
     root = Path(tokenizer_dir)
-    names = [n for n in sorted(TOKENIZER_FILES) if (root / n).is_file()]
-    if not names:
+    if not any((root / n).is_file() for n in TOKENIZER_FILES):
         raise ValueError(
             f"{root} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}): "
             "pass a directory written by `tokenizer.save_pretrained`."
         )
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    tokenizer = load_tokenizer(root)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = sorted(tokenizer.all_special_tokens)
+    digest = hashlib.sha256(json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode())
     return digest.hexdigest()
 
 

@@ -20,6 +20,14 @@ from tailkd_dist.parallel.lm_head import ShardedHead
 from tailkd_dist.parallel.topology import Topology
 
 
+def _decoder_layers(body, n_layers: int):
+    """The body's list of decoder blocks (``layers`` in every supported HF family)."""
+    for child in body.children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) == n_layers:
+            return child
+    raise ValueError(f"{type(body).__name__}: no list of {n_layers} decoder layers found for the hidden-state term")
+
+
 def decay_groups(params, weight_decay: float):
     """AdamW groups: matrices decay, vectors (norms, biases) do not."""
     params = [p for p in params if p.requires_grad]
@@ -51,6 +59,43 @@ class EngineAdapter:
         self.body_prefix = student.base_model_prefix
         for p in teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
+        if cfg.models.freeze_embeddings:
+            # Before the engine builds its optimizer, which takes only trainable parameters.
+            student.get_input_embeddings().weight.requires_grad_(False)
+        self._init_hidden_term(teacher=teacher, student=student)
+
+    def _init_hidden_term(self, *, teacher, student) -> None:
+        """The hidden-state cosine term (tailkd_dist/hidden.py): which layers, and the learned
+        projection when widths differ. The projection is small and replicated on every rank,
+        trained beside the heads (``aux_prepare`` / ``aux_step``), saved in the per-rank extra
+        state and never exported."""
+        from tailkd_dist.hidden import HiddenProjection, check_layer_map, default_layer_map
+
+        self.hidden_pairs: list[tuple[int, int]] = []
+        self.aux = self.aux_opt = None
+        self.last_states = {}
+        if self.cfg.loss.hidden_weight == 0:
+            return
+        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        layer_map = self.cfg.loss.hidden_layer_map or default_layer_map(
+            student_layers=ls, teacher_layers=lt, student_path=self.cfg.models.student.path)
+        check_layer_map(list(layer_map), student_layers=ls, teacher_layers=lt)
+        self.hidden_pairs = [(i, j) for i, j in enumerate(layer_map) if j >= 0]
+        # Forward hooks on the decoder layers, not HF's output_hidden_states: they fire the same
+        # under ZeRO-3, FSDP2 and activation-checkpoint wrappers. They capture only during the
+        # forward the step asked for (not during a checkpoint's recompute).
+        self._capturing = None
+        for role, model, idx in (("student", student, [i for i, _ in self.hidden_pairs]),
+                                 ("teacher", teacher, [j for _, j in self.hidden_pairs])):
+            layers = _decoder_layers(body_of(model), model.config.num_hidden_layers)
+            for slot, k in enumerate(idx):
+                layers[k].register_forward_hook(self._capture_hook(role, slot))
+        self.aux = HiddenProjection(n_layers=len(self.hidden_pairs), student_width=student.config.hidden_size,
+                                    teacher_width=teacher.config.hidden_size, seed=self.cfg.seed).to(self.device)
+        params = list(self.aux.parameters())
+        if params:
+            o = self.cfg.optim
+            self.aux_opt = torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
 
     def _init_heads(self, *, teacher, student, vocab: int) -> None:
         """``student_head`` / ``teacher_head`` (objects whose ``.weight`` / ``.bias`` are this
@@ -77,19 +122,70 @@ class EngineAdapter:
         # document never attends to the one before it in the row.
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
-    def _hidden(self, module, batch, scale):
-        out = module(**self._body_kwargs(batch))
+    def _capture_hook(self, role: str, slot: int):
+        def hook(module, args, output):
+            if self._capturing == role:
+                self.last_states[role][slot] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _hidden(self, module, batch, scale, role: str):
+        """Final hidden states; with the hidden-state term also the mapped layers' outputs,
+        left in ``last_states[role]`` for the step that asked (same forward, no extra cost)."""
+        if self.hidden_pairs:
+            self.last_states[role] = [None] * len(self.hidden_pairs)
+            self._capturing = role
+        try:
+            out = module(**self._body_kwargs(batch))
+        finally:
+            self._capturing = None
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return h * scale if scale != 1.0 else h
 
     def student_hidden(self, batch) -> torch.Tensor:
-        return self._hidden(self.student_module, batch, self.student_scale)
+        return self._hidden(self.student_module, batch, self.student_scale, "student")
 
     @torch.no_grad()
     def teacher_hidden(self, batch) -> torch.Tensor | None:
         if not self.has_teacher:
             return None
-        return self._hidden(self.teacher_module, batch, self.teacher_scale)
+        return self._hidden(self.teacher_module, batch, self.teacher_scale, "teacher")
+
+    def hidden_term_sum(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """Sum over this rank's valid positions of the cosine term (None when off)."""
+        if not self.hidden_pairs:
+            return None
+        from tailkd_dist.hidden import cosine_distance_sum
+
+        s, t = self.last_states.pop("student"), self.last_states.pop("teacher")
+        return cosine_distance_sum(self.aux(s), t, valid)
+
+    def aux_prepare(self) -> float:
+        """After the last micro-batch: the projection's gradient summed over every rank (each
+        saw its own positions) and divided by W like the heads'; returns its squared norm."""
+        if self.aux_opt is None:
+            return 0.0
+        params = [p for p in self.aux.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        world = self.topo.group("world")
+        if world is not None:
+            dist.all_reduce(flat, group=world)
+        flat.div_(self.topo.world_size)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return float(flat.double().pow(2).sum())
+
+    def aux_step(self, *, lr: float, coef: float) -> None:
+        if self.aux_opt is None:
+            return
+        for p in self.aux.parameters():
+            if p.grad is not None and coef < 1.0:
+                p.grad.mul_(coef)
+        for g in self.aux_opt.param_groups:
+            g["lr"] = lr
+        self.aux_opt.step()
+        self.aux_opt.zero_grad(set_to_none=True)
 
     def teacher_weights(self):
         """(weight, bias) of the teacher's head shard (the student's, detached, without one)."""
@@ -109,14 +205,14 @@ class EngineAdapter:
         """After the last micro-batch: the head shard's gradient summed over its replicas."""
         raise NotImplementedError
 
-    def global_grad_norm(self) -> tuple[float, float]:
-        """(total, body) gradient norms: total = sqrt(|body|^2 + |all head shards|^2),
+    def global_grad_norm(self, *, extra_sq: float = 0.0) -> tuple[float, float]:
+        """(total, body) gradient norms: total = sqrt(|body|^2 + |all head shards|^2 + extra),
         identical on every rank. One host sync: the clip decision needs the value."""
         head_sq = self.student_head.grad_sq_norm().to(self.device)
         if self.loss_group is not None:
             dist.all_reduce(head_sq, group=self.loss_group)  # shards differ within a loss group
         body_sq = self.body_grad_sq_norm().to(head_sq)
-        total, body = (body_sq + head_sq).sqrt().item(), body_sq.sqrt().item()
+        total, body = (body_sq + head_sq + extra_sq).sqrt().item(), body_sq.sqrt().item()
         return total, body
 
     def set_lr(self, lr: float) -> None:
@@ -137,12 +233,28 @@ class EngineAdapter:
             "head_opt": self.head_opt.state_dict(),
             "student_extra_rows": self.student_extra_rows,
             "rng": rng_state(),
+            **self.aux_state(),
         }
 
     def load_extra_state(self, state: dict) -> None:
         self.student_head.load_state_dict(state["student_head"])
         self.head_opt.load_state_dict(state["head_opt"])
         set_rng_state(state["rng"])
+        self.load_aux_state(state)
+
+    def aux_state(self) -> dict:
+        """The hidden-state projection and its optimizer (empty when there is none)."""
+        if self.aux_opt is None:
+            return {}
+        return {"aux": self.aux.state_dict(), "aux_opt": self.aux_opt.state_dict()}
+
+    def load_aux_state(self, state: dict) -> None:
+        if self.aux_opt is not None:
+            if "aux" not in state:
+                raise RuntimeError("the checkpoint has no hidden-state projection: it was written without "
+                                   "loss.hidden_weight; resume with the same loss settings")
+            self.aux.load_state_dict(state["aux"])
+            self.aux_opt.load_state_dict(state["aux_opt"])
 
     def full_student_head(self):
         return self.student_head.gather_full(self.loss_group)

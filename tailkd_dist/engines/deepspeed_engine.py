@@ -155,7 +155,7 @@ class DeepSpeedAdapter(EngineAdapter):
         """The optimizer step at the accumulation boundary; returns the global grad norm."""
         assert self.engine.is_gradient_accumulation_boundary()
         self.finish_head_grads()
-        total, body = self.global_grad_norm()
+        total, body = self.global_grad_norm(extra_sq=self.aux_prepare())
         if not math.isfinite(total):
             raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
         coef = clip_coefficient(total, grad_clip)
@@ -167,6 +167,7 @@ class DeepSpeedAdapter(EngineAdapter):
         self.engine.step()
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
+        self.aux_step(lr=lr, coef=coef)
         return total
 
     # -- checkpoints ------------------------------------------------------------------------

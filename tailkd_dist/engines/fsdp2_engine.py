@@ -294,11 +294,12 @@ class FSDP2Adapter(EngineAdapter):
     def step(self, *, lr: float, grad_clip: float) -> float:
         """The optimizer step after the last micro-batch; returns the global grad norm."""
         self.finish_head_grads()
+        aux_sq = self.aux_prepare()
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # partial sums over the shard dim -> the global norm
-        total = float(norm)
+        total = math.sqrt(float(norm) ** 2 + aux_sq)
         if not math.isfinite(total):
             raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
         coef = clip_coefficient(total, grad_clip)
@@ -308,6 +309,7 @@ class FSDP2Adapter(EngineAdapter):
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.aux_step(lr=lr, coef=coef)
         return total
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -342,10 +344,11 @@ class FSDP2Adapter(EngineAdapter):
 
     def extra_state(self) -> dict:
         """Per rank: RNG states (model, head and optimizer are in the DCP files)."""
-        return {"student_extra_rows": self.student_extra_rows, "rng": rng_state()}
+        return {"student_extra_rows": self.student_extra_rows, "rng": rng_state(), **self.aux_state()}
 
     def load_extra_state(self, state: dict) -> None:
         set_rng_state(state["rng"])
+        self.load_aux_state(state)
 
     # -- export -----------------------------------------------------------------------------
     def body_state_dict(self) -> dict | None:
