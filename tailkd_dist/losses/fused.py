@@ -59,6 +59,7 @@ STAT_KEYS = (
 # Elements per scratch block: bounds each temporary of the element-wise phases to
 # ~16 MiB (fp32) however large the vocabulary slice is.
 _BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ELEMENTS_CUDA = 1 << 27
 
 
 def partial_names(divergence: str, *, teacher_cached: bool) -> tuple[str, ...]:
@@ -322,8 +323,11 @@ def _add_at(buf: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, values: t
     buf.view(-1).index_put_((flat,), vals.reshape(-1).to(buf.dtype), accumulate=True)
 
 
-def _blocks(n_rows: int, v_local: int):
-    step = max(1, min(n_rows, _BLOCK_ELEMENTS // max(v_local, 1)))
+def _blocks(n_rows: int, v_local: int, device=None):
+    # GPUs: bigger blocks (each element-wise kernel launch and tie check costs microseconds
+    # of launch and host sync, and a GPU has the memory); CPUs: small, cache-friendly ones.
+    elems = _BLOCK_ELEMENTS_CUDA if device is not None and device.type == "cuda" else _BLOCK_ELEMENTS
+    step = max(1, min(n_rows, elems // max(v_local, 1)))
     return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
 
@@ -347,7 +351,7 @@ def _local_candidates(x: torch.Tensor, kk: int, v_offset: int, k_pad: int):
     vals = x.new_full((x.shape[0], k_pad), float("-inf"))
     idx = x.new_full((x.shape[0], k_pad), float(2**24))  # padding sorts after real indices
     sumexp = x.new_empty(x.shape[0])
-    for r0, r1 in _blocks(x.shape[0], x.shape[1]):
+    for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
         xb = x[r0:r1]
         v, i = topk_lowest_index(xb, kk)
         vals[r0:r1, :kk] = v
@@ -407,7 +411,7 @@ class _Chunker:
     def tail_sum(self, x, tail_max, top_local, owned):
         """sum over this rank's tail entries of exp(x - tail_max), row-blocked."""
         out = x.new_empty(x.shape[0])
-        for r0, r1 in _blocks(x.shape[0], x.shape[1]):
+        for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
             # Top-k entries lie above the tail's max: clamp so their exp cannot overflow before
             # they are zeroed (tail entries are <= 0 anyway).
             s = torch.sub(x[r0:r1], tail_max[r0:r1, None]).clamp_(max=0.0).exp_()
@@ -458,7 +462,7 @@ class _Chunker:
         if self.raw_ce:
             # CE is at tau = 1: the student's sum of exp of the raw logits, same local max.
             raw = torch.empty(s.shape[0], dtype=s.dtype, device=s.device)
-            for r0, r1 in _blocks(*s.shape):
+            for r0, r1 in _blocks(*s.shape, s.device):
                 raw[r0:r1] = torch.sub(s[r0:r1], sv[r0:r1, :1]).mul_(o.tau).exp_().sum(-1)
             parts.append(raw[:, None])
         g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
@@ -499,7 +503,7 @@ class _Chunker:
         t.sub_(lse_t[:, None])
         s.sub_(lse_s[:, None])
         div = _DIVERGENCES[o.divergence]
-        for r0, r1 in _blocks(c1 - c0, L.vocab_local):
+        for r0, r1 in _blocks(c1 - c0, L.vocab_local, s.device):
             blk = self._block(t, s, r0, r1, top_local, owned)
             p_top = blk.p.gather(1, blk.top_local)
             d_top = blk.diff.gather(1, blk.top_local)
@@ -566,7 +570,7 @@ class _Chunker:
         # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
         kd_row = (o.kd_weight * o.tau) * vf
         ce_row = o.ce_weight * vf
-        for r0, r1 in _blocks(t.shape[0], self.L.vocab_local):
+        for r0, r1 in _blocks(t.shape[0], self.L.vocab_local, t.device):
             blk = self._block(
                 t, s, r0, r1, top_local, owned,
                 tok={k_: v[r0:r1] for k_, v in tok.items() if torch.is_tensor(v)},
