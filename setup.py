@@ -36,6 +36,8 @@ setup(
             "tailkd-train=tailkd_dist.train:main",
             "tailkd-export-hf=tailkd_dist.export:main",
             "tailkd-derive-student=tailkd_dist.derive:main",
+            "tailkd-preflight=tailkd_dist.preflight:main",
+            "tailkd-demo=tailkd_dist.demo:main",
         ]
     },
 )

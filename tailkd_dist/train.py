@@ -96,8 +96,27 @@ def _eval_batches(eval_cfg, n: int):
     return out
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """The cheap checks of tools/preflight.py before anything heavy (every rank runs them, so
+    every rank fails alike): layout, vocabularies and tokenizers from the configs, the shards'
+    manifest, and the per-rank memory estimate."""
+    from tailkd_dist.parallel.topology import DistEnv as _Env
+    from tailkd_dist.preflight import run_preflight
+
+    env = _Env.from_environ()
+    report = run_preflight(cfg, world_size=env.world_size, local_world_size=env.local_world_size)
+    for w in report.warnings:
+        log.warning("preflight: %s", w)
+    if not report.ok:
+        raise ValueError("preflight: " + "; ".join(report.problems))
+
+
 def train(cfg: TrainConfig) -> dict:
+    preflight(cfg)
     topo = build_topology(cfg)
+    from tailkd_dist.parallel import liveness
+
+    liveness.start(topo, timeout_s=cfg.engine.dist_timeout_s)  # before engines make their groups
     rank0 = topo.rank == 0
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.models.dtype)
@@ -159,6 +178,7 @@ def train(cfg: TrainConfig) -> dict:
                 it = iter(train_loader)
         res = train_step(adapter, micro, step=step, cfg=cfg)
         step += 1
+        liveness.progress(step)
         tokens_seen += res.tokens
         dt = time.perf_counter() - t0
         scalars = step_scalars(res, cfg)
@@ -229,6 +249,11 @@ def main(argv=None) -> int:
     except (ValueError, FloatingPointError) as e:
         print(f"tailkd-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for
+        from tailkd_dist.parallel import liveness
+
+        liveness.report(e)
+        raise
     return 0
 
 
