@@ -66,7 +66,9 @@ def cosine_distance_sum(student_states, teacher_states, valid: torch.Tensor) -> 
     """Sum over valid positions of the mean over layers of 1 - cos(s, t). States [B, T, d]."""
     if not student_states:
         return torch.zeros((), device=valid.device)
-    per_layer = [1.0 - torch.nn.functional.cosine_similarity(s.float(), t.float().detach(), dim=-1, eps=1e-8)
+    # fp32 at least (bf16 activations), fp64 kept as is
+    up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))  # noqa: E731
+    per_layer = [1.0 - torch.nn.functional.cosine_similarity(up(s), up(t).detach(), dim=-1, eps=1e-8)
                  for s, t in zip(student_states, teacher_states)]
     per_pos = torch.stack(per_layer).mean(0)
     return torch.where(valid, per_pos, torch.zeros((), device=per_pos.device)).sum()

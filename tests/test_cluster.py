@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from trainer_utils import REPO, env, free_port, losses, prepare_data, write_config
 

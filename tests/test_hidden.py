@@ -51,3 +51,23 @@ def test_layer_maps(tmp_path):
         default_layer_map(student_layers=3, teacher_layers=4, student_path=str(tmp_path))
     with pytest.raises(ValueError, match="hidden_layer_map"):
         check_layer_map([0, 9], student_layers=2, teacher_layers=4)
+
+
+def test_cosine_term_gradients_match_the_plain_reference():
+    torch.manual_seed(1)
+    s = [torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(2, 3, 5, dtype=torch.float64) for _ in range(2)]
+    valid = torch.tensor([[True, False, True], [True, True, False]])
+    got = cosine_distance_sum(s, t, valid)
+    g_got = torch.autograd.grad(got, s)
+    ref = 0.0
+    for b in range(2):
+        for p in range(3):
+            if valid[b, p]:
+                terms = [1 - torch.dot(x[b, p], y[b, p]) / (x[b, p].norm() * y[b, p].norm()) for x, y in zip(s, t)]
+                ref = ref + sum(terms) / len(terms)
+    g_ref = torch.autograd.grad(ref, s)
+    assert abs(got.item() - ref.item()) <= 1e-12 * abs(ref.item())
+    for a, b in zip(g_got, g_ref):
+        assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: cosine_distance_sum([a, b], t, valid), tuple(s))
