@@ -57,10 +57,8 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -68,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from tailkd_dist import __version__
+from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
+from tailkd_dist.staging import staged_dir
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
 # once.
@@ -77,21 +77,8 @@ DERIVATION = "tailkd_derivation.json"
 FORMAT = "tailkd-derivation/1"
 SUPPORTED = ("llama", "qwen2", "mistral", "phi", "phi3", "gemma2")
 
-# Files copied from the teacher directory when present (tokenizer and chat template).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# Files copied from the teacher directory when present: the tokenizer's, and the chat template.
+TOKENIZER_FILES = (*_TOKENIZER_FILES, "chat_template.jinja")
 
 # Attention projections, by the name of the module inside `self_attn`.
 _ATTN_IN = {"q_proj": ("q",), "k_proj": ("kv",), "v_proj": ("kv",), "qkv_proj": ("q", "kv", "kv")}
@@ -478,28 +465,13 @@ def derive(config: DeriveConfig) -> dict[str, Any]:
     if isinstance(record["options"]["layers"], list):
         record["options"]["layers"] = ",".join(map(str, record["options"]["layers"]))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT should be like any mkdir
-    try:
+    with staged_dir(out) as staging:  # --overwrite (checked above) or an empty directory
         student.save_pretrained(str(staging), safe_serialization=True)
         copied = [n for n in TOKENIZER_FILES if (teacher_dir / n).is_file()]
         for name in copied:
             shutil.copyfile(teacher_dir / name, staging / name)
         record["tokenizer_files"] = copied
         (staging / DERIVATION).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():  # --overwrite (checked above) or an empty directory: swap, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "x")
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _print_summary(record, out, time.perf_counter() - start)
     return record
 

@@ -131,7 +131,7 @@ def tailkd(args) -> dict:
     import tailkd_dist.train as train_mod
 
     train_mod.train_step = timed_step
-    res = train(load_config(args.config))
+    train(load_config(args.config))
     steady = marks["cpu"][2:]
     tokens = args.batch * json.loads(Path(args.data, "manifest.json").read_text())["seq_len"]
     return {"step_s": statistics.median(steady), "tokens_per_s": tokens / statistics.median(steady),

@@ -25,7 +25,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tailkd_dist import __version__
+from tailkd_dist.staging import staged_dir
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
@@ -255,23 +255,8 @@ def _prepare(config: PrepareConfig, out: Path) -> dict[str, Any]:
             raise ValueError(f"--val-fraction {config.val_fraction} selected no validation "
                              f"document out of {len(corpus.train)}: use more documents or "
                              "--val-fraction 0.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT should be like any mkdir
-        try:
+        with staged_dir(out) as staging:  # --overwrite was checked above
             manifest = _prepare_into(staging, corpus, config)
-            if out.exists():  # --overwrite (checked above): swap, then delete the old output
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                out.rename(old / "x")
-                staging.rename(out)
-                shutil.rmtree(old)
-            else:
-                staging.rename(out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return manifest
 
 
