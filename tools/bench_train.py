@@ -41,7 +41,8 @@ def model_configs(vocab: int):
     return teacher, student
 
 
-def write_config(path: Path, *, data: Path, out: Path, vocab: int, divergence: str, args) -> Path:
+def write_config(path: Path, *, data: Path, out: Path, vocab: int, divergence: str, args,
+                 engine: str = "deepspeed", ds_config: str = "zero2.json") -> Path:
     import yaml
 
     teacher, student = model_configs(vocab)
@@ -52,7 +53,7 @@ def write_config(path: Path, *, data: Path, out: Path, vocab: int, divergence: s
         "data": {"path": str(data), "micro_batch_size": args.batch},
         "loss": {"divergence": divergence, "k": 10, "beta": 2.0},
         "optim": {"lr": 1e-4, "warmup_steps": 1, "max_steps": args.steps, "grad_clip": 1.0},
-        "engine": {"kind": "deepspeed", "ds_config": str(REPO / "ds_configs/zero2.json"),
+        "engine": {"kind": engine, "ds_config": str(REPO / "ds_configs" / ds_config),
                    "teacher_ds_config": str(REPO / "ds_configs/teacher_zero3.json")},
         "checkpoint": {"every_steps": 10**6, "export_hf_at_end": False, "keep": 1},
         "logging": {"progress_bar": False, "tensorboard": False},
@@ -146,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--engines", action="store_true", help="also TAD under ZeRO-3 and FSDP2 (1 process each)")
     ap.add_argument("--one", choices=["plain", "tailkd"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -173,6 +175,14 @@ def main(argv=None):
                            divergence=div, args=args)
         rows[f"tailkd_dist ({div}, ZeRO-2, fused loss)"] = benchutil.run_isolated(
             me, ["--one", "tailkd", "--config", str(cfg)] + common)
+    if args.engines:
+        # FSDP2 vs DeepSpeed ZeRO-3 (issue 6): same models, data and batch, side by side.
+        for engine, ds in (("deepspeed", "zero3.json"), ("fsdp2", "zero3.json")):
+            name = "ZeRO-3" if engine == "deepspeed" else "FSDP2"
+            cfg = write_config(work / f"tad_{engine}.yaml", data=data, out=work / f"run_tad_{engine}",
+                               vocab=args.vocab, divergence="tad", args=args, engine=engine, ds_config=ds)
+            rows[f"tailkd_dist (tad, {name}, fused loss)"] = benchutil.run_isolated(
+                me, ["--one", "tailkd", "--config", str(cfg)] + common)
     plain = rows["plain HF-style loop (full logits, autograd KL + CE)"]
     kl = rows["tailkd_dist (forward_kl, ZeRO-2, fused loss)"]
     tad = rows["tailkd_dist (tad, ZeRO-2, fused loss)"]
