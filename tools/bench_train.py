@@ -55,7 +55,7 @@ def write_config(path: Path, *, data: Path, out: Path, vocab: int, divergence: s
         "optim": {"lr": 1e-4, "warmup_steps": 1, "max_steps": args.steps, "grad_clip": 1.0},
         "engine": {"kind": engine, "ds_config": str(REPO / "ds_configs" / ds_config),
                    "teacher_ds_config": str(REPO / "ds_configs/teacher_zero3.json")},
-        "checkpoint": {"every_steps": 10**6, "export_hf_at_end": False, "keep": 1},
+        "checkpoint": {"every_steps": 10**6, "export_hf_at_end": False, "keep": 1, "resume": False},
         "logging": {"progress_bar": False, "tensorboard": False},
         "eval": {"max_batches": 0},
     }
