@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -235,11 +237,21 @@ class PackedTokenDataset(StreamingDataset):
         # Before streaming allocates shared memory, so a bad shard fails cleanly and early.
         check_local_shards(Path(config.local, config.split), remote=config.remote,
                            mode=config.local_check, algo=config.validate_hash)
-        super().__init__(
-            remote=config.remote, local=config.local, split=config.split,
-            batch_size=config.batch_size, shuffle=config.shuffle, shuffle_seed=config.seed,
-            validate_hash=config.validate_hash, download_timeout=config.download_timeout,
-            num_canonical_nodes=config.num_canonical_nodes, replication=config.replication)
+        # streaming picks a free shared-memory prefix by listing /dev/shm and then creating
+        # "<prefix>_locals"; two jobs starting on one node at the same moment can pick the same
+        # one and the loser gets FileExistsError. Nothing else exists yet then: retry.
+        for attempt in range(5):
+            try:
+                super().__init__(
+                    remote=config.remote, local=config.local, split=config.split,
+                    batch_size=config.batch_size, shuffle=config.shuffle, shuffle_seed=config.seed,
+                    validate_hash=config.validate_hash, download_timeout=config.download_timeout,
+                    num_canonical_nodes=config.num_canonical_nodes, replication=config.replication)
+                break
+            except FileExistsError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 + random.random())
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         # streaming downloads in a background thread; when that thread fails, its iterator just
