@@ -768,18 +768,22 @@ def test_fused_upstream_gradient_scales():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 @pytest.mark.parametrize("divergence", ["tad", "jsd"])
-def test_fused_small_row_blocks_white_box(monkeypatch, divergence, dtype):
+@pytest.mark.parametrize("case_index", [0, 1])
+def test_fused_small_row_blocks_white_box(monkeypatch, case_index, divergence, dtype):
     """White-box: the fused code also splits each chunk into row blocks bounded by a number of
-    elements (fused._BLOCK_ELEMENTS, ~8M, never reached at test sizes). Shrink it so blocks of
-    2-3 rows fall inside chunks of 8 and check the result is unchanged. (raising=False: if the
-    knob disappears this is still a valid reference test.)"""
-    case = FUSED_CASES[0]
+    elements (fused._BLOCK_ELEMENTS, ~1M, never reached at test sizes), and after TAD's
+    pre-pass makes the teacher's logits in blocks of rows (fused._TEACHER_ELEMENTS, ~8M).
+    Shrink both so element blocks of 2 rows fall inside teacher blocks of 3 rows inside
+    chunks, and check the result is unchanged. (raising=False: if a knob disappears this is
+    still a valid reference test.)"""
+    case = FUSED_CASES[case_index]
     try:
         import tailkd_dist.losses.fused as fused_mod
     except ImportError:  # the module was renamed: still a valid (black-box) reference test
         fused_mod = None
     if fused_mod is not None:
-        monkeypatch.setattr(fused_mod, "_BLOCK_ELEMENTS", 2 * case["V"] + 5, raising=False)
+        monkeypatch.setattr(fused_mod, "_BLOCK_ELEMENTS", 2 * case["V"] + 1, raising=False)
+        monkeypatch.setattr(fused_mod, "_TEACHER_ELEMENTS", 3 * case["V"] + 1, raising=False)
     run_fused_and_compare(case, divergence, dtype)
 
 

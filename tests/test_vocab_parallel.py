@@ -58,6 +58,10 @@ class Case:
     d_s: int = 8
     d_t: int = 12
     seed: int = 0
+    # White-box: after TAD's pre-pass the teacher's logits are made this many rows (of the
+    # largest shard) at a time (fused._TEACHER_ELEMENTS; default: whole chunks at test sizes).
+    # Only the group run is patched, so the single-process reference keeps whole chunks.
+    teacher_rows: int | None = None
 
     def row_shards(self) -> tuple[int, ...]:
         if self.shards is not None:
@@ -127,6 +131,12 @@ def _cases() -> list[Case]:
              seed=19),
         Case("g4-none-V32003-k10-f64-nomask", 4, 32003, (4, 4, 4, 4), divergence="none",
              mask=False, docs="none", seed=20),
+        # TAD's streamed teacher in blocks of 2 (1) rows inside chunks of 5 (3), uneven shards
+        Case("g2-tad-V32003-k10-f64-teacherblocks", 2, 32003, (7, 11), chunk_size=5,
+             teacher_rows=2, docs="scatter", seed=22),
+        Case("g4-tad-V13-k10-shards1543-teacherrows1-f32", 4, 13, (6, 4, 5, 3),
+             shards=(1, 5, 4, 3), tie=True, dtype="float32", chunk_size=3, teacher_rows=1,
+             seed=23),
     ]
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
@@ -231,11 +241,31 @@ GRAD_KEYS = ("student_hidden", "student_weight", "student_bias")
 
 def run_loss(case: Case, inputs: dict, vocab_group=None) -> dict:
     """Loss, stats and student gradients of one call (inputs are made leaves here)."""
-    from tailkd_dist.losses import fused_linear_distill
+    import tailkd_dist.losses.fused as fused_mod
 
     leaves = {k: (v.clone().requires_grad_(True) if k in GRAD_KEYS and v is not None else v)
               for k, v in inputs.items()}
-    loss_sum, stats = fused_linear_distill(
+
+    default_elements = fused_mod._TEACHER_ELEMENTS
+    if vocab_group is not None and case.teacher_rows is not None:
+        fused_mod._TEACHER_ELEMENTS = case.teacher_rows * max(case.row_shards())
+    try:
+        loss_sum, stats = _call(leaves, vocab_group, case)
+    finally:
+        fused_mod._TEACHER_ELEMENTS = default_elements
+    loss_sum.backward()
+    grads = {k: (None if leaves[k] is None else leaves[k].grad) for k in GRAD_KEYS}
+    return {
+        "loss": loss_sum.detach(),
+        "stats": {k: v.detach() for k, v in stats.items()},
+        "grads": {k: (None if v is None else v.detach()) for k, v in grads.items()},
+    }
+
+
+def _call(leaves, vocab_group, case):
+    from tailkd_dist.losses import fused_linear_distill
+
+    return fused_linear_distill(
         leaves["student_hidden"],
         leaves["student_weight"],
         leaves["teacher_hidden"],
@@ -247,13 +277,6 @@ def run_loss(case: Case, inputs: dict, vocab_group=None) -> dict:
         vocab_group=vocab_group,
         **case.kwargs(),
     )
-    loss_sum.backward()
-    grads = {k: (None if leaves[k] is None else leaves[k].grad) for k in GRAD_KEYS}
-    return {
-        "loss": loss_sum.detach(),
-        "stats": {k: v.detach() for k, v in stats.items()},
-        "grads": {k: (None if v is None else v.detach()) for k, v in grads.items()},
-    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -539,6 +562,7 @@ def _counter_configs():
         (4, 10, "jsd", 1.0, (3, 4, 5, 2), 5, "float32"),
         (4, 3, "forward_kl", 2.0, (3, 4, 5, 2), 100, "float64"),
         (4, 10, "none", 1.0, (2, 2, 2, 2), 3, "float64"),
+        (4, 3, "tad", 2.0, (3, 4, 5, 2), 5, "float32"),  # pre-pass at tau != 1
     ]
 
 
@@ -581,7 +605,7 @@ def _counter_worker(rank: int, world_size: int) -> list[dict]:
     return out
 
 
-def _spec_numbers_per_token(P, k, div, tau):
+def _spec_numbers_per_token(P, k, div, tau, prepass=False):
     """Per-token numbers of the loss's scalar collectives, counted from the spec.
 
     Spec ("Vocabulary-sharded form"): 2 (MAX of the teacher's and student's maxima) + 2Pk
@@ -592,10 +616,17 @@ def _spec_numbers_per_token(P, k, div, tau):
     (exact log aT, log aS) and the SUM of 8 -> 2Pk + 4P + 10 = spec + 4P. Further additions:
     one more sum of exp at tau = 1 for CE when tau != 1 (+P), and the divergences' own sums
     (reverse KL +1, JSD +2).
+
+    After TAD's pre-pass the teacher's logits are streamed and gone before any exchange, so
+    each rank sends its tail's pieces instead of a MAX and two SUM columns: the teacher's
+    (k+1)-th value, the sum of exp beyond its own top-k and a non-finite flag (+3P), and the
+    student's local tail (max, sum of exp) (+2P); the MAX (2) and the SUM's tail and flag
+    columns (3) go: spec + 9P - 5.
     """
     extras = {"reverse_kl": 1, "jsd": 2}.get(div, 0)
     spec = 2 + 2 * P * k + 8
-    return spec + 4 * P + (P if tau != 1.0 else 0) + extras
+    streamed = 5 * P - 5 if prepass else 0
+    return spec + 4 * P + (P if tau != 1.0 else 0) + extras + streamed
 
 
 def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
@@ -604,7 +635,7 @@ def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
     N, n_max = sum(positions), max(positions)
     extras = {"tad": 0, "forward_kl": 0, "none": 0, "reverse_kl": 1, "jsd": 2}[div]
     teacher = 2 * k + 1  # top-k values and global ids, sum of exp of the slice
-    student = 3 + (1 if tau != 1.0 else 0)  # max, argmax, sum of exp [, sum of exp at tau=1]
+    raw = 1 if tau != 1.0 else 0  # CE's sum of exp at tau = 1
     calls = [
         ("all_gather_into_tensor", None),  # the call's layout/settings (size not pinned)
         ("all_gather_into_tensor", P * n_max * 2),  # labels + doc ids of the group
@@ -613,18 +644,22 @@ def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
     chunks = [min(chunk, N - c0) for c0 in range(0, N, chunk)]
     prepass = div == "tad" and N > chunk
     scalar = 0
-    if prepass:  # teacher-only pass: candidates, MAX of its tail max, SUM (tail, finiteness)
+    if prepass:
+        # teacher-only pass, one gather per chunk: k+1 values, k ids, sum of exp, sum of exp
+        # beyond the rank's own top-k, non-finite flag
         for c in chunks:
-            calls += [("all_gather_into_tensor", P * c * teacher), ("all_reduce", c),
-                      ("all_reduce", 2 * c)]
-            scalar += P * c * teacher + c + 2 * c
-    for c in chunks:
-        per_rank = student + (0 if prepass else teacher)
-        maxima = 1 if prepass else 2
-        sums = (6 if prepass else 8) + extras
-        calls += [("all_gather_into_tensor", P * c * per_rank), ("all_reduce", c * maxima),
-                  ("all_reduce", c * sums)]
-        scalar += P * c * per_rank + c * maxima + c * sums
+            calls.append(("all_gather_into_tensor", P * c * (teacher + 3)))
+            scalar += P * c * (teacher + 3)
+        # main pass: student max, argmax, sum of exp, local tail max and sum [, raw]; the SUM
+        for c in chunks:
+            calls += [("all_gather_into_tensor", P * c * (5 + raw)), ("all_reduce", c * (5 + extras))]
+            scalar += P * c * (5 + raw) + c * (5 + extras)
+    else:
+        for c in chunks:
+            per_rank = teacher + 3 + raw  # + student max, argmax, sum of exp
+            calls += [("all_gather_into_tensor", P * c * per_rank), ("all_reduce", c * 2),
+                      ("all_reduce", c * (8 + extras))]
+            scalar += P * c * per_rank + c * 2 + c * (8 + extras)
     calls.append(("reduce_scatter_tensor", P * n_max * d_s))  # hidden-state gradient
     return calls, scalar / N
 
@@ -655,7 +690,8 @@ def test_comm_counter_matches_an_independent_count():
             # == the spec's formula plus the design's documented additions
             assert res["numbers_per_token"] == pytest.approx(scalar_per_token, rel=1e-12)
             assert res["formula"] == pytest.approx(scalar_per_token, rel=1e-12)
-            assert scalar_per_token == _spec_numbers_per_token(P, k, div, tau)
+            assert scalar_per_token == _spec_numbers_per_token(
+                P, k, div, tau, prepass=div == "tad" and N > chunk)
 
 
 def test_loss_traffic_is_small_against_gathering_logits():

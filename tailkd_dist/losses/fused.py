@@ -3,7 +3,8 @@
 No [tokens, V] logits ever exist: positions are processed ``chunk_size`` at a time, the
 gradient of every chunk is formed inside the loop (no autograd graph over logits), and the
 element-wise work on a chunk runs over row blocks with small scratch buffers, so the extra
-memory is two [chunk, V_r] logit buffers plus O(block * V_r).
+memory is two [chunk, V_r] logit buffers plus O(block * V_r) (TAD over several chunks: one
+[chunk, V_r] buffer, the teacher's logits streamed in row blocks; see ``_Chunker``).
 
 One mechanism serves every divergence and both layouts:
 
@@ -12,13 +13,15 @@ One mechanism serves every divergence and both layouts:
   logits, written in place;
 * **vocabulary parallelism** (``vocab_group``): rank r owns rows [off_r, off_r + V_r) of both
   lm_heads and its own positions. Every rank gathers the group's hidden states, makes logits
-  for its vocabulary slice, and per chunk the group exchanges (1) one all-gather of per-rank
-  candidates (teacher and student top-(k+1) and sums of exp) and (2) one SUM all-reduce of
-  per-token partial sums. With ``vocab_group=None`` both steps are the identity (P = 1).
+  for its vocabulary slice, and per chunk the group exchanges per-token scalars only: an
+  all-gather of per-rank candidates (top-k values and ids, sums of exp), a MAX of the tails'
+  maxima where needed, and one SUM all-reduce of per-token partial sums. With
+  ``vocab_group=None`` every exchange is the identity (P = 1).
 
 TAD's beta(X) needs the teacher's tail mass of every position of a document before any tail
 gradient is final; with more than one chunk a teacher-only pre-pass computes it (one extra
-teacher lm_head matmul: 5 matmuls against forward KL's 4; spec "Chunked form").
+teacher lm_head matmul: 5 matmuls against forward KL's 4; spec "Chunked form"). Having K and
+log aT first also lets the main pass stream the teacher's logits in row blocks.
 
 Spec: ``../shared/design/tad-loss.md``.
 """
@@ -44,28 +47,37 @@ from .common import (
     topk_lowest_index,
 )
 
-# Columns of the per-token SUM all-reduce every divergence needs. "t_tail"/"s_tail" are the
-# tails' sums of exp relative to the exact tail maxima (so log aT, log aS are exact in log
-# space), "t_bad" counts non-finite teacher logits, the rest are the rank's share of
-# sum_K p log(p/q), sum_tail p log(p/q), sum p log p, sum q log q and log q(label).
-_COMMON = ("s_tail", "kl_top", "kl_tail", "plogp", "qlogq", "lq_label")
-_TEACHER = ("t_tail", "t_bad")
+# Columns of the per-token SUM all-reduce. Every divergence: the rank's share of
+# sum_K p log(p/q), sum_tail p log(p/q), sum p log p, sum q log q and log q(label). The one-pass
+# chunk adds the tails' sums of exp relative to their exact maxima ("t_tail", "s_tail": log aT,
+# log aS exact in log space) and a count of non-finite teacher logits ("t_bad"); after the
+# TAD pre-pass those are known before the sweep and travel elsewhere.
+_COMMON = ("kl_top", "kl_tail", "plogp", "qlogq", "lq_label")
+_ONE_PASS = ("t_tail", "t_bad", "s_tail")
 
 STAT_KEYS = (
     "valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s",
     "teacher_entropy", "student_entropy", "top1_agree", "beta_x", "a_t_sq", "a_s_sq",
 )
 
-# Elements per scratch block: bounds each temporary of the element-wise phases to
-# ~16 MiB (fp32) however large the vocabulary slice is.
-_BLOCK_ELEMENTS = 1 << 22
+# Elements per scratch block: bounds each temporary of the element-wise phases to ~4 MiB
+# (fp32) however large the vocabulary slice is. On CPU small blocks stay in cache (measured:
+# 4 MiB blocks are ~8% faster than 16 MiB ones at V = 128256, and the five or so live
+# temporaries are a fixed cost that vocabulary sharding does not divide).
+_BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_CUDA = 1 << 27
+# Elements per block of teacher logits after the TAD pre-pass (a block is one matmul): ~32 MiB
+# (fp32) keeps the CPU matmul efficient (~65 rows at V = 128256) and far below the student's
+# [chunk, V_r] buffer; on a GPU a whole default chunk at V = 128k (one large matmul).
+_TEACHER_ELEMENTS = 1 << 23
+_TEACHER_ELEMENTS_CUDA = 1 << 27
 
 
-def partial_names(divergence: str, *, teacher_cached: bool) -> tuple[str, ...]:
-    """Names of the per-token SUM columns for this divergence (the all-reduce's layout)."""
+def partial_names(divergence: str, *, streamed: bool) -> tuple[str, ...]:
+    """Names of the per-token SUM columns for this divergence (the all-reduce's layout);
+    ``streamed``: TAD's main pass after the teacher pre-pass."""
     extra = _DIVERGENCES[divergence].partials
-    return (() if teacher_cached else _TEACHER) + _COMMON + extra
+    return (() if streamed else _ONE_PASS) + _COMMON + extra
 
 
 # --------------------------------------------------------------------------- divergences
@@ -370,14 +382,28 @@ def _tail_max(vals: torch.Tensor, idx: torch.Tensor, top: torch.Tensor) -> torch
 class _Chunker:
     """Runs the passes of one call on the gathered positions of the loss group.
 
-    Per chunk the group talks three times (spec, "Vocabulary-sharded form"):
-    1. all-gather of per-rank candidates: teacher top-k (values, global ids) and sum of exp
-       relative to the rank's max; student max, argmax and sum of exp -> every rank knows the
-       global top-k K, both log-normalisers and the student's argmax;
-    2. MAX all-reduce of the two tails' local maxima (outside K) -> sums over the tails are
-       taken relative to their exact maxima, so log aT and log aS are exact in log space even
-       when a tail is thousands of nats below the top;
-    3. one SUM all-reduce of every per-token partial sum (``partial_names``).
+    Two shapes of main pass, sharing every element-wise step (``_partials``, ``_grad``):
+
+    * **one pass** (forward KL, reverse KL, JSD, CE only, and TAD when one chunk holds every
+      position): teacher and student logits of the chunk side by side. Per chunk the group
+      talks three times (spec, "Vocabulary-sharded form"):
+      1. all-gather of per-rank candidates: teacher top-k (values, global ids) and sum of exp
+         relative to the rank's max; student max, argmax and sum of exp -> every rank knows
+         the global top-k K, both log-normalisers and the student's argmax;
+      2. MAX all-reduce of the two tails' local maxima (outside K) -> sums over the tails are
+         taken relative to their exact maxima, so log aT and log aS are exact in log space
+         even when a tail is thousands of nats below the top;
+      3. one SUM all-reduce of every per-token partial sum (``partial_names``).
+    * **TAD with a teacher pre-pass** (more positions than one chunk): the pre-pass leaves
+      K, the teacher's log-normaliser and log aT of every position, so the main pass needs
+      the teacher only element-wise. The student's logits of the chunk sit in one buffer;
+      the teacher's are made ``teacher_rows`` rows at a time (``_TEACHER_ELEMENTS``), used
+      once (partial sums and the gradient in the same sweep) and dropped: the extra memory
+      is one [chunk, V_r] buffer plus a [teacher rows, V_r] one, about half of the one-pass
+      shape. Per chunk the group talks twice: an all-gather of the student's candidates
+      with its local tail (maximum, sum of exp outside K, both known before any exchange
+      since K is), and the SUM of the partial sums after the sweep (TAD's gradient needs
+      none of them).
     """
 
     def __init__(self, *, opts: _Opts, layout: _Layout, hs, ws, bs, ht, wt, bt, labels, valid, docs, cdtype):
@@ -387,20 +413,20 @@ class _Chunker:
         self.k_pad = opts.k + 1
         self.kk = min(opts.k + 1, layout.vocab_local)
         self.raw_ce = opts.tau != 1.0  # CE (loss term and stat) is at tau = 1
-        rows = min(opts.chunk_size, hs.shape[0])
-        self.t_buf = torch.empty(rows, layout.vocab_local, dtype=cdtype, device=hs.device)
-        self.s_buf = torch.empty(rows, layout.vocab_local, dtype=cdtype, device=hs.device)
+        self.chunk_rows = min(opts.chunk_size, hs.shape[0])
+        elems = _TEACHER_ELEMENTS_CUDA if hs.device.type == "cuda" else _TEACHER_ELEMENTS
+        self.teacher_rows = max(1, min(self.chunk_rows, elems // layout.vocab_local))
+        self.t_buf = self.s_buf = None  # allocated by run(), sized for the pass it takes
 
     def candidates(self, x):
         return _local_candidates(x, self.kk, self.L.vocab_offset, self.k_pad)
 
-    def teacher_global(self, gathered):
-        """gathered [P, c, 2k+1] (top-k values, ids, sum exp) -> top-k ids [c, k], lse [c]."""
-        k = self.o.k
-        vals = gathered[..., :k].permute(1, 0, 2).reshape(gathered.shape[1], -1)
-        idx = gathered[..., k : 2 * k].permute(1, 0, 2).reshape(gathered.shape[1], -1)
-        _, top = merge_topk(vals, idx, k)
-        _, lse = _merge_lse(gathered[..., 0], gathered[..., 2 * k])
+    def teacher_global(self, vals, idx, sumexp):
+        """Per-rank candidates [P, c, k] (values, ids) and sums of exp [P, c] (relative to
+        each rank's max, vals[..., 0]) -> global top-k ids [c, k], log-normaliser [c]."""
+        k, c = self.o.k, vals.shape[1]
+        _, top = merge_topk(vals.permute(1, 0, 2).reshape(c, -1), idx.permute(1, 0, 2).reshape(c, -1), k)
+        _, lse = _merge_lse(vals[..., 0], sumexp)
         return top.long(), lse
 
     def localise(self, top):
@@ -419,26 +445,60 @@ class _Chunker:
             out[r0:r1] = s.sum(-1)
         return out
 
+    def rest_sum(self, x, vals, idx):
+        """sum of exp(x - vals[:, k]) over the entries outside the rank's own top-k (0 if the
+        slice has no more than k entries). vals[:, k], the (k+1)-th largest, is their max."""
+        k = self.o.k
+        out = x.new_zeros(x.shape[0])
+        if x.shape[1] <= k:
+            return out
+        local = idx[:, :k].long() - self.L.vocab_offset
+        for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
+            s = torch.sub(x[r0:r1], vals[r0:r1, k : k + 1]).clamp_(max=0.0).exp_()
+            out[r0:r1] = s.scatter_(1, local[r0:r1], 0.0).sum(-1)
+        return out
+
     def teacher_prepass(self):
-        """TAD with several chunks: teacher top-k, lse and log aT of every position first."""
+        """TAD with several chunks: K, log-normaliser and log aT of every position first.
+
+        The teacher's logits exist ``teacher_rows`` rows at a time and are consumed before
+        the exchange: rank r's tail is the set of its entries outside its own top-k (their
+        max is its (k+1)-th value; the rank sends their sum of exp relative to it) plus
+        those of its own top-k that the global K leaves out (values it sends anyway), because
+        K restricted to a rank is always part of that rank's own top-k (same tie rule). So
+        one all-gather per chunk gives log aT exactly, in log space, with no second look at
+        the logits.
+        """
         n, k = self.hs.shape[0], self.o.k
-        top = torch.empty(n, k, dtype=torch.long, device=self.hs.device)
-        lse = torch.empty(n, dtype=self.cdtype, device=self.hs.device)
+        dev, dt = self.hs.device, self.cdtype
+        top = torch.empty(n, k, dtype=torch.long, device=dev)
+        lse = torch.empty(n, dtype=dt, device=dev)
         log_at = torch.empty_like(lse)
-        bad = torch.zeros((), dtype=self.cdtype, device=self.hs.device)
+        bad = torch.zeros((), dtype=dt, device=dev)
         for c0 in range(0, n, self.o.chunk_size):
             c1 = min(c0 + self.o.chunk_size, n)
-            t = _logits(self.ht[c0:c1], self.wt, self.bt, self.o.tau, self.cdtype, self.t_buf)
-            vals, idx, z = self.candidates(t)
-            t_bad = self.nonfinite_rows(t, vals)
-            g = vp.all_gather_stats(torch.cat([vals[:, :k], idx[:, :k], z[:, None]], 1), self.L.group)
-            top_c, lse_c = self.teacher_global(g)
-            tmax = vp.all_reduce_max(_tail_max(vals, idx, top_c)[:, None], self.L.group)[:, 0]
-            tl, owned = self.localise(top_c)
-            sums = vp.all_reduce_sum(torch.stack([self.tail_sum(t, tmax, tl, owned), t_bad], 1), self.L.group)
+            # per rank and position: k+1 values, k ids, sum of exp, rest sum, non-finite flag
+            mine = torch.empty(c1 - c0, 2 * k + 4, dtype=dt, device=dev)
+            for b0 in range(c0, c1, self.teacher_rows):
+                b1 = min(b0 + self.teacher_rows, c1)
+                t = _logits(self.ht[b0:b1], self.wt, self.bt, self.o.tau, dt, self.t_buf)
+                vals, idx, z = self.candidates(t)
+                mine[b0 - c0 : b1 - c0] = torch.cat(
+                    [vals, idx[:, :k], z[:, None], self.rest_sum(t, vals, idx)[:, None],
+                     self.nonfinite_rows(t, vals)[:, None]], 1,
+                )
+            g = vp.all_gather_stats(mine, self.L.group)
+            vals, ids = g[..., : k + 1], g[..., k + 1 : 2 * k + 1]
+            top_c, lse_c = self.teacher_global(vals[..., :k], ids, g[..., 2 * k + 1])
+            # The tail: every rank's rest (max vals[..., k]) and its candidates outside K.
+            in_top = (ids.long()[..., None] == top_c[None, :, None, :]).any(-1)
+            out_k = torch.where(in_top, torch.full_like(ids, float("-inf")), vals[..., :k])
+            rest_max, rest = vals[..., k], g[..., 2 * k + 2]
+            tmax = torch.maximum(out_k.amax(-1), rest_max).amax(0)
+            tail = (rest * torch.exp(rest_max - tmax)).sum(0) + torch.exp(out_k - tmax[:, None]).sum((0, 2))
             top[c0:c1], lse[c0:c1] = top_c, lse_c
-            log_at[c0:c1] = tmax + torch.log(sums[:, 0]) - lse_c
-            bad += (sums[:, 1] * self.valid[c0:c1]).sum()
+            log_at[c0:c1] = tmax + torch.log(tail) - lse_c
+            bad += (g[..., 2 * k + 3].sum(0) * self.valid[c0:c1]).sum()
         return top, lse, log_at, bad
 
     def nonfinite_rows(self, t, vals):
@@ -446,85 +506,72 @@ class _Chunker:
         ok = torch.isfinite(vals[:, 0]) & torch.isfinite(t.amin(-1))
         return (~ok).to(self.cdtype)
 
-    # -- one chunk of the main pass ---------------------------------------------------------
-    def chunk(self, c0, c1, cache, beta_x_all):
-        o, L, k = self.o, self.L, self.o.k
-        rows = slice(c0, c1)
-        t = _logits(self.ht[rows], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
-        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
-        parts = []
-        if cache is None:
-            tv, ti, tz = self.candidates(t)
-            t_bad = self.nonfinite_rows(t, tv)
-            parts += [tv[:, :k], ti[:, :k], tz[:, None]]
-        sv, si, sz = self.candidates(s)
-        parts += [sv[:, :1], si[:, :1], sz[:, None]]
-        if self.raw_ce:
-            # CE is at tau = 1: the student's sum of exp of the raw logits, same local max.
-            raw = torch.empty(s.shape[0], dtype=s.dtype, device=s.device)
-            for r0, r1 in _blocks(*s.shape, s.device):
-                raw[r0:r1] = torch.sub(s[r0:r1], sv[r0:r1, :1]).mul_(o.tau).exp_().sum(-1)
-            parts.append(raw[:, None])
-        g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
+    # -- pieces shared by both main passes -------------------------------------------------
+    def labels_local(self, rows):
+        L = self.L
+        lab = self.labels[rows]
+        owned = self.valid[rows] & (lab >= L.vocab_offset) & (lab < L.vocab_offset + L.vocab_local)
+        return torch.where(owned, lab - L.vocab_offset, torch.zeros_like(lab)), owned
 
-        if cache is None:
-            top, lse_t = self.teacher_global(g[..., : 2 * k + 1])
-            g = g[..., 2 * k + 1 :]
-        else:
-            top, lse_t, log_at = (x[rows] for x in cache)
+    def student_normalisers(self, g, raw_col):
+        """Gathered student (max, argmax, sum of exp[, sum of exp at tau=1]) -> global lse,
+        argmax and (tau != 1) CE's log-normaliser."""
         smax, lse_s = _merge_lse(g[..., 0], g[..., 2])
         # argmax: ranks hold vocabulary slices in order, so the first rank holding the max
         # has the lowest index among ties.
         first = torch.where(g[..., 0] == smax, g[..., 1], torch.full_like(g[..., 1], float(2**24)))
-        s_argmax = first.amin(0).long()
-        lse_raw = None
+        lse_raw = _merge_lse(self.o.tau * g[..., 0], g[..., raw_col])[1] if self.raw_ce else None
+        return lse_s, first.amin(0).long(), lse_raw
+
+    def raw_sumexp(self, s, smax_local):
+        # CE is at tau = 1: the student's sum of exp of the raw logits, same local max.
+        raw = torch.empty(s.shape[0], dtype=s.dtype, device=s.device)
+        for r0, r1 in _blocks(*s.shape, s.device):
+            raw[r0:r1] = torch.sub(s[r0:r1], smax_local[r0:r1, None]).mul_(self.o.tau).exp_().sum(-1)
+        return raw
+
+    def _partials(self, blk, cols, r0, r1, lab_local, lab_owned, lse_s, lse_raw):
+        """Per-token partial sums of one row block (rows r0:r1 of the chunk) into ``cols``."""
+        p_top = blk.p.gather(1, blk.top_local)
+        d_top = blk.diff.gather(1, blk.top_local)
+        cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
+        cols["plogp"][r0:r1] = _rowdot(blk.p, blk.log_p)
+        cols["qlogq"][r0:r1] = _rowdot(blk.q, blk.log_q)
+        for nm, v in _DIVERGENCES[self.o.divergence].partial_fn(blk).items():
+            cols[nm][r0:r1] = v
+        blk.add_at_top(blk.p, -p_top)  # p restricted to the tail: exact zeros at K
+        cols["kl_tail"][r0:r1] = _rowdot(blk.p, blk.diff)
+        blk.add_at_top(blk.p, p_top)  # and back: 0 + p_j is p_j exactly
+        lq = blk.log_q.gather(1, lab_local[r0:r1, None]).squeeze(1)
         if self.raw_ce:
-            _, lse_raw = _merge_lse(o.tau * g[..., 0], g[..., 3])
-        tail_max = [_tail_max(sv, si, top)]
-        if cache is None:
-            tail_max.insert(0, _tail_max(tv, ti, top))
-        tail_max = vp.all_reduce_max(torch.stack(tail_max, 1), L.group)
-        s_tmax = tail_max[:, -1]
-        if cache is None:
-            t_tmax = tail_max[:, 0]
+            lq = self.o.tau * (lq + lse_s[r0:r1]) - lse_raw[r0:r1]
+        cols["lq_label"][r0:r1] = torch.where(lab_owned[r0:r1], lq, 0.0)
 
-        top_local, owned = self.localise(top)
-        lab = self.labels[rows]
-        lab_owned = self.valid[rows] & (lab >= L.vocab_offset) & (lab < L.vocab_offset + L.vocab_local)
-        lab_local = torch.where(lab_owned, lab - L.vocab_offset, torch.zeros_like(lab))
+    def _grad(self, blk, r0, r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw):
+        """d(loss)/d(student logits) of one row block, written in place over its log q."""
+        o = self.o
+        q1 = None
+        if o.ce_weight != 0.0:
+            # CE's softmax at tau = 1, formed before the block's log q is overwritten.
+            q1 = blk.q if lse_raw is None else (
+                (blk.log_q + lse_s[r0:r1, None]).mul_(o.tau).sub_(lse_raw[r0:r1, None]).exp_()
+            )
+        blk.q, blk.p  # noqa: B018  (materialise before ``out`` overwrites log q)
+        blk.out = blk.log_q
+        _DIVERGENCES[o.divergence].grad_fn(blk)
+        g = blk.out.mul_(kd_row[r0:r1, None])
+        if q1 is not None:
+            g.addcmul_(q1, ce_row[r0:r1, None])
+            _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None], -ce_row[r0:r1, None])
 
-        # Phase 2: tail sums, normalisation to log p / log q in place, partial sums.
-        names = partial_names(o.divergence, teacher_cached=cache is not None)
-        cols = {nm: torch.zeros(c1 - c0, dtype=self.cdtype, device=s.device) for nm in names}
-        if cache is None:
-            cols["t_tail"] = self.tail_sum(t, t_tmax, top_local, owned)
-            cols["t_bad"] = t_bad
-        cols["s_tail"] = self.tail_sum(s, s_tmax, top_local, owned)
-        t.sub_(lse_t[:, None])
-        s.sub_(lse_s[:, None])
-        div = _DIVERGENCES[o.divergence]
-        for r0, r1 in _blocks(c1 - c0, L.vocab_local, s.device):
-            blk = self._block(t, s, r0, r1, top_local, owned)
-            p_top = blk.p.gather(1, blk.top_local)
-            d_top = blk.diff.gather(1, blk.top_local)
-            cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
-            cols["plogp"][r0:r1] = _rowdot(blk.p, blk.log_p)
-            cols["qlogq"][r0:r1] = _rowdot(blk.q, blk.log_q)
-            for nm, v in div.partial_fn(blk).items():
-                cols[nm][r0:r1] = v
-            blk.add_at_top(blk.p, -p_top)  # p restricted to the tail
-            cols["kl_tail"][r0:r1] = _rowdot(blk.p, blk.diff)
-            lq = blk.log_q.gather(1, lab_local[r0:r1, None]).squeeze(1)
-            if self.raw_ce:
-                lq = o.tau * (lq + lse_s[r0:r1]) - lse_raw[r0:r1]
-            cols["lq_label"][r0:r1] = torch.where(lab_owned[r0:r1], lq, 0.0)
-        sums = vp.all_reduce_sum(torch.stack([cols[nm] for nm in names], 1), L.group)
-        tok = {nm: sums[:, i] for i, nm in enumerate(names)}
+    def row_scales(self, rows):
+        vf = self.valid[rows].to(self.cdtype)
+        # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
+        return (self.o.kd_weight * self.o.tau) * vf, self.o.ce_weight * vf
 
-        # Per-token values (identical on every rank of the group).
-        if cache is None:
-            log_at = t_tmax + torch.log(tok["t_tail"]) - lse_t
-        log_as = s_tmax + torch.log(tok["s_tail"]) - lse_s
+    def finish(self, tok, rows, top, s_argmax, log_at, log_as, beta_x_all):
+        """Per-token values from the reduced sums (identical on every rank of the group)."""
+        o = self.o
         a_t, a_s = log_at.exp(), log_as.exp()
         bucket = torch.where(a_t > 0, a_t * (log_at - log_as), 0.0)
         kl = tok["kl_top"] + tok["kl_tail"]
@@ -539,22 +586,15 @@ class _Chunker:
         else:
             tok["beta_x"] = torch.zeros_like(kl)
         vf = self.valid[rows].to(self.cdtype)
-        ce = -tok["lq_label"]
-        kd = div.value_fn(tok) * (o.tau**2)
-        per_tok = torch.stack(
+        kd = _DIVERGENCES[o.divergence].value_fn(tok) * (o.tau**2)
+        return torch.stack(
             [
-                vf, ce, kd, kl, tok["d1"], tok["at_d2"], a_t, a_s, -tok["plogp"], -tok["qlogq"],
-                (top[:, 0] == s_argmax).to(self.cdtype), tok["beta_x"], a_t * a_t, a_s * a_s,
+                vf, -tok["lq_label"], kd, kl, tok["d1"], tok["at_d2"], a_t, a_s, -tok["plogp"],
+                -tok["qlogq"], (top[:, 0] == s_argmax).to(self.cdtype), tok["beta_x"], a_t * a_t,
+                a_s * a_s,
             ],
             1,
         ) * vf[:, None]
-        bad = (tok["t_bad"] * vf).sum() if cache is None else None
-
-        if not L.needs_grad:
-            return per_tok, bad
-        self.write_grads(t, s, rows, top_local, owned, tok, lse_s, lse_raw, log_at - log_as, lab_owned, lab_local)
-        self.grad_matmuls(s, rows)
-        return per_tok, bad
 
     def _block(self, t, s, r0, r1, top_local, owned, **extra):
         return _Block(
@@ -562,33 +602,105 @@ class _Chunker:
             jsd_beta=self.o.jsd_beta, **extra,
         )
 
-    def write_grads(self, t, s, rows, top_local, owned, tok, lse_s, lse_raw, log_ratio, lab_owned, lab_local):
-        """Phase 3: d(loss)/d(student logits), written in place over log q in ``s``."""
-        o = self.o
-        div = _DIVERGENCES[o.divergence]
-        vf = self.valid[rows].to(self.cdtype)
-        # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
-        kd_row = (o.kd_weight * o.tau) * vf
-        ce_row = o.ce_weight * vf
-        for r0, r1 in _blocks(t.shape[0], self.L.vocab_local, t.device):
+    # -- one chunk, teacher and student side by side ----------------------------------------
+    def chunk(self, c0, c1):
+        o, L, k = self.o, self.L, self.o.k
+        rows = slice(c0, c1)
+        t = _logits(self.ht[rows], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
+        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
+        tv, ti, tz = self.candidates(t)
+        t_bad = self.nonfinite_rows(t, tv)
+        sv, si, sz = self.candidates(s)
+        parts = [tv[:, :k], ti[:, :k], tz[:, None], sv[:, :1], si[:, :1], sz[:, None]]
+        if self.raw_ce:
+            parts.append(self.raw_sumexp(s, sv[:, 0])[:, None])
+        g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
+        top, lse_t = self.teacher_global(g[..., :k], g[..., k : 2 * k], g[..., 2 * k])
+        lse_s, s_argmax, lse_raw = self.student_normalisers(g[..., 2 * k + 1 :], 3)
+        tail_max = vp.all_reduce_max(torch.stack([_tail_max(tv, ti, top), _tail_max(sv, si, top)], 1), L.group)
+        t_tmax, s_tmax = tail_max[:, 0], tail_max[:, 1]
+        top_local, owned = self.localise(top)
+        lab_local, lab_owned = self.labels_local(rows)
+
+        # Tail sums, normalisation to log p / log q in place, partial sums.
+        names = partial_names(o.divergence, streamed=False)
+        cols = {nm: torch.zeros(c1 - c0, dtype=self.cdtype, device=s.device) for nm in names}
+        cols["t_tail"] = self.tail_sum(t, t_tmax, top_local, owned)
+        cols["t_bad"] = t_bad
+        cols["s_tail"] = self.tail_sum(s, s_tmax, top_local, owned)
+        t.sub_(lse_t[:, None])
+        s.sub_(lse_s[:, None])
+        for r0, r1 in _blocks(c1 - c0, L.vocab_local, s.device):
+            self._partials(self._block(t, s, r0, r1, top_local, owned), cols, r0, r1,
+                           lab_local, lab_owned, lse_s, lse_raw)
+        sums = vp.all_reduce_sum(torch.stack([cols[nm] for nm in names], 1), L.group)
+        tok = {nm: sums[:, i] for i, nm in enumerate(names)}
+        log_at = t_tmax + torch.log(tok["t_tail"]) - lse_t
+        log_as = s_tmax + torch.log(tok["s_tail"]) - lse_s
+        per_tok = self.finish(tok, rows, top, s_argmax, log_at, log_as, None)
+        bad = (tok["t_bad"] * self.valid[rows].to(self.cdtype)).sum()
+        if not L.needs_grad:
+            return per_tok, bad
+
+        # The gradient needs the reduced sums (beta(X) of a lone chunk, reverse KL, JSD).
+        kd_row, ce_row = self.row_scales(rows)
+        log_ratio = log_at - log_as
+        for r0, r1 in _blocks(c1 - c0, L.vocab_local, t.device):
             blk = self._block(
                 t, s, r0, r1, top_local, owned,
                 tok={k_: v[r0:r1] for k_, v in tok.items() if torch.is_tensor(v)},
                 beta_x=tok["beta_x"][r0:r1], log_ratio=log_ratio[r0:r1],
             )
-            q1 = None
-            if o.ce_weight != 0.0:
-                # CE's softmax at tau = 1, formed before the block's log q is overwritten.
-                q1 = blk.q if lse_raw is None else (
-                    (blk.log_q + lse_s[r0:r1, None]).mul_(o.tau).sub_(lse_raw[r0:r1, None]).exp_()
+            self._grad(blk, r0, r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw)
+        self.grad_matmuls(s, rows)
+        return per_tok, bad
+
+    # -- one chunk of TAD after the pre-pass: the teacher streamed in row blocks -------------
+    def chunk_streamed(self, c0, c1, cache, beta_x_all):
+        o, L = self.o, self.L
+        rows = slice(c0, c1)
+        top, lse_t, log_at = (x[rows] for x in cache)
+        top_local, owned = self.localise(top)
+        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
+        sv, si, sz = self.candidates(s)
+        # K is known, so each rank sums its own tail before any exchange (relative to its own
+        # tail max; -inf when it owns no tail entry, whose sum is then 0, not exp(nan)).
+        tmax_local = _tail_max(sv, si, top)
+        tail_local = self.tail_sum(s, tmax_local, top_local, owned)
+        tail_local = torch.where(torch.isfinite(tmax_local), tail_local, 0.0)
+        parts = [sv[:, :1], si[:, :1], sz[:, None], tmax_local[:, None], tail_local[:, None]]
+        if self.raw_ce:
+            parts.append(self.raw_sumexp(s, sv[:, 0])[:, None])
+        g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
+        lse_s, s_argmax, lse_raw = self.student_normalisers(g, 5)
+        log_as = _merge_lse(g[..., 3], g[..., 4])[1] - lse_s
+        s.sub_(lse_s[:, None])
+        lab_local, lab_owned = self.labels_local(rows)
+        beta_x = beta_x_all[rows]
+        log_ratio = log_at - log_as
+        kd_row, ce_row = self.row_scales(rows)
+
+        names = partial_names(o.divergence, streamed=True)
+        cols = {nm: torch.zeros(c1 - c0, dtype=self.cdtype, device=s.device) for nm in names}
+        for b0 in range(0, c1 - c0, self.teacher_rows):
+            b1 = min(b0 + self.teacher_rows, c1 - c0)
+            t = _logits(self.ht[c0 + b0 : c0 + b1], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
+            t.sub_(lse_t[b0:b1, None])
+            for r0, r1 in _blocks(b1 - b0, L.vocab_local, s.device):
+                blk = _Block(
+                    log_p=t[r0:r1], log_q=s[b0 + r0 : b0 + r1], top_local=top_local[b0 + r0 : b0 + r1],
+                    top_owned=owned[b0 + r0 : b0 + r1], jsd_beta=o.jsd_beta,
+                    beta_x=beta_x[b0 + r0 : b0 + r1], log_ratio=log_ratio[b0 + r0 : b0 + r1],
                 )
-            blk.q, blk.p  # noqa: B018  (materialise before ``out`` overwrites log q)
-            blk.out = blk.log_q
-            div.grad_fn(blk)
-            g = blk.out.mul_(kd_row[r0:r1, None])
-            if q1 is not None:
-                g.addcmul_(q1, ce_row[r0:r1, None])
-                _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None], -ce_row[r0:r1, None])
+                self._partials(blk, cols, b0 + r0, b0 + r1, lab_local, lab_owned, lse_s, lse_raw)
+                if L.needs_grad:
+                    self._grad(blk, b0 + r0, b0 + r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw)
+        sums = vp.all_reduce_sum(torch.stack([cols[nm] for nm in names], 1), L.group)
+        tok = {nm: sums[:, i] for i, nm in enumerate(names)}
+        per_tok = self.finish(tok, rows, top, s_argmax, log_at, log_as, beta_x_all)
+        if L.needs_grad:
+            self.grad_matmuls(s, rows)
+        return per_tok
 
     def grad_matmuls(self, g, rows):
         """The two backward matmuls of a chunk, accumulated straight into the call's gradient
@@ -610,24 +722,27 @@ class _Chunker:
 
     def run(self):
         n = self.hs.shape[0]
-        cache = beta_x_all = None
-        bad_total = torch.zeros((), dtype=self.cdtype, device=self.hs.device)
-        if self.o.divergence == "tad" and n > self.o.chunk_size:
-            top, lse, log_at, bad_total = self.teacher_prepass()
-            cache = (top, lse, log_at)
-            beta_x_all = self.beta_from(log_at.exp())
-        per_tok = torch.zeros(n, len(STAT_KEYS), dtype=self.cdtype, device=self.hs.device)
+        dev, dt, v_r = self.hs.device, self.cdtype, self.L.vocab_local
+        streamed = self.o.divergence == "tad" and n > self.o.chunk_size
+        self.s_buf = torch.empty(self.chunk_rows, v_r, dtype=dt, device=dev)
+        self.t_buf = torch.empty(self.teacher_rows if streamed else self.chunk_rows, v_r, dtype=dt, device=dev)
+        per_tok = torch.zeros(n, len(STAT_KEYS), dtype=dt, device=dev)
         self.gh = self.gw = self.gb = None
         if self.L.needs_grad:
             acc = torch.float64 if self.hs.dtype == torch.float64 else torch.float32  # fp32 grads for bf16
-            self.gh = torch.empty(n, self.hs.shape[1], dtype=acc, device=self.hs.device)
-            self.gw = torch.zeros(self.ws.shape, dtype=acc, device=self.hs.device)
-            self.gb = torch.zeros(self.ws.shape[0], dtype=acc, device=self.hs.device) if self.bs is not None else None
+            self.gh = torch.empty(n, self.hs.shape[1], dtype=acc, device=dev)
+            self.gw = torch.zeros(self.ws.shape, dtype=acc, device=dev)
+            self.gb = torch.zeros(self.ws.shape[0], dtype=acc, device=dev) if self.bs is not None else None
+        bad_total = torch.zeros((), dtype=dt, device=dev)
+        if streamed:
+            top, lse, log_at, bad_total = self.teacher_prepass()
+            beta_x_all = self.beta_from(log_at.exp())
         for c0 in range(0, n, self.o.chunk_size):
             c1 = min(c0 + self.o.chunk_size, n)
-            pt, bad = self.chunk(c0, c1, cache, beta_x_all)
-            per_tok[c0:c1] = pt
-            if bad is not None:
+            if streamed:
+                per_tok[c0:c1] = self.chunk_streamed(c0, c1, (top, lse, log_at), beta_x_all)
+            else:
+                per_tok[c0:c1], bad = self.chunk(c0, c1)
                 bad_total = bad_total + bad
         return per_tok, bad_total, (self.gh, self.gw, self.gb)
 
@@ -746,7 +861,9 @@ def fused_linear_distill(
         doc_ids: [N] / [B, T] int document ids for TAD's per-document beta(X) (equal ids = one
             document wherever they stand; global across the group). Default: each row of
             [B, T] is a document, all of [N] is one.
-        chunk_size: positions per chunk; extra memory ~ 2 * chunk_size * V_r logits.
+        chunk_size: positions per chunk; extra memory ~ 2 * chunk_size * V_r logits (TAD
+            over more than one chunk: ~ chunk_size * V_r, the teacher's logits streamed in
+            blocks of rows after its pre-pass).
         vocab_group: process group sharing the vocabulary (None: single process).
 
     Returns:
