@@ -571,6 +571,8 @@ def make_fused(case, dtype, seed=99):
             labels[doc_ids == case["mask_doc"]] = -100  # a document with no valid position
     labels.reshape(-1)[1] = -100  # at least one masked position
     labels.reshape(-1)[-1] = int(torch.randint(0, V, (1,), generator=gen))
+    for i, valid in case.get("force", {}).items():  # flat position -> masked (False) / valid
+        labels.reshape(-1)[i] = int(torch.randint(0, V, (1,), generator=gen)) if valid else -100
     if case.get("ignore_index", -100) != -100:
         labels[labels == -100] = case["ignore_index"]
     cast = (lambda x: None if x is None else x.to(dtype))
@@ -579,6 +581,7 @@ def make_fused(case, dtype, seed=99):
 
 
 _DOC37 = torch.tensor([0] * 6 + [1] * 9 + [2] * 4 + [0] * 5 + [3] * 13)
+_DOC24 = torch.tensor([4] * 8 + [9] * 8 + [2] * 6 + [9] + [2])
 _DOC3x13 = torch.tensor([5] * 9 + [6] * 7 + [7] * 10 + [5] * 8 + [8] * 5)
 FUSED_CASES = [
     dict(id="N37_ds16_dt24_V97_chunk8_docs", pos=(37,), ds=16, dt=24, V=97, chunk=8, k=10,
@@ -595,6 +598,13 @@ FUSED_CASES = [
          entropy_floor=1.0),
     dict(id="N11_V29_chunk1_peaked", pos=(11,), ds=8, dt=8, V=29, chunk=1, k=3, ts=40.0,
          bs=True, bt=True, f64_only=True),
+    # Every document inside one chunk although N > chunk (TAD: no pre-pass, beta(X) per
+    # chunk): rows of 5 in chunks of 2 rows; and documents whose only position outside their
+    # chunk is masked (position 22 of document 1 lies in the third chunk).
+    dict(id="B4T5_V61_chunk10_rowdocs_fit", pos=(4, 5), ds=8, dt=12, V=61, chunk=10, k=4,
+         bs=True, bt=True),
+    dict(id="N24_V61_chunk8_docs_fit_masked_spill", pos=(24,), ds=10, dt=8, V=61, chunk=8,
+         k=3, bs=True, doc_ids=_DOC24, force={22: False, 7: True, 8: True}),
 ]
 
 
@@ -688,6 +698,30 @@ def fused_params():
 @pytest.mark.parametrize("case,divergence,dtype", fused_params())
 def test_fused_vs_reference(case, divergence, dtype):
     run_fused_and_compare(case, divergence, dtype)
+
+
+@pytest.mark.parametrize("force_spill,prepasses", [(False, 0), (True, 1)])
+def test_tad_prepass_only_when_a_document_spans_chunks(monkeypatch, force_spill, prepasses):
+    """White-box (spec, "Chunked form": a document that fits inside one chunk needs no
+    pre-pass): with every document's valid positions inside one chunk TAD runs without the
+    teacher pre-pass; make the spilled position of document 9 valid and it needs it. Both
+    match the reference. (raising=False: if the pre-pass is renamed, only the count check
+    goes.)"""
+    import tailkd_dist.losses.fused as fused_mod
+
+    calls = []
+    original = getattr(fused_mod._Chunker, "teacher_prepass", None)
+    if original is not None:
+        def counted(self):
+            calls.append(1)
+            return original(self)
+        monkeypatch.setattr(fused_mod._Chunker, "teacher_prepass", counted)
+    case = dict(FUSED_CASES[-1], force={22: force_spill, 7: True, 8: True})
+    for dtype in DTYPES:
+        calls.clear()
+        run_fused_and_compare(case, "tad", dtype)
+        if original is not None:
+            assert len(calls) == prepasses, (force_spill, calls)
 
 
 BIG_CASE = dict(id="N13_V32003_chunk5", pos=(13,), ds=8, dt=12, V=V_BIG, chunk=5, k=10,

@@ -44,7 +44,8 @@ class Case:
     temperature: float = 1.0
     dtype: str = "float64"
     chunk_size: int = 4
-    docs: str = "span"  # "none": doc_ids=None | "span": documents cross rank boundaries | "scatter"
+    docs: str = "span"  # "none": doc_ids=None | "span": documents cross rank boundaries |
+    # "scatter" | "chunked": each document inside one chunk (TAD: no pre-pass)
     mask: bool = True  # some positions carry ignore_index
     masked_rank: int | None = None  # every position of this group rank is masked
     tie: bool = False  # teacher rows (last of rank 0, first of rank 1) equal and k-th/(k+1)-th
@@ -131,6 +132,9 @@ def _cases() -> list[Case]:
              seed=19),
         Case("g4-none-V32003-k10-f64-nomask", 4, 32003, (4, 4, 4, 4), divergence="none",
              mask=False, docs="none", seed=20),
+        # every document inside one chunk but spanning ranks: TAD without its pre-pass
+        Case("g4-tad-V32003-k10-f32-docs-in-chunks", 4, 32003, (5, 9, 3, 7), chunk_size=6,
+             docs="chunked", dtype="float32", seed=24),
         # TAD's streamed teacher in blocks of 2 (1) rows inside chunks of 5 (3), uneven shards
         Case("g2-tad-V32003-k10-f64-teacherblocks", 2, 32003, (7, 11), chunk_size=5,
              teacher_rows=2, docs="scatter", seed=22),
@@ -204,6 +208,8 @@ def make_full_inputs(case: Case) -> dict:
         doc_ids = None
     elif case.docs == "scatter":  # every document has pieces on every rank, interleaved
         doc_ids = torch.arange(n) % 3 + 40
+    elif case.docs == "chunked":  # every document inside one chunk of the group's positions
+        doc_ids = torch.arange(n) // case.chunk_size * 5 + 1
     else:  # contiguous documents, each boundary 2 positions after a rank boundary
         cuts = sorted({min(o + 2, n - 1) for o in offs[1:-1]} | {max(1, n // 2)})
         doc_ids = torch.zeros(n, dtype=torch.long)
@@ -642,7 +648,7 @@ def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
         ("all_gather_into_tensor", P * n_max * (d_s + d_t)),  # hidden states of the group
     ]
     chunks = [min(chunk, N - c0) for c0 in range(0, N, chunk)]
-    prepass = div == "tad" and N > chunk
+    prepass = div == "tad" and N > chunk  # doc_ids=None on [N] inputs: one document
     scalar = 0
     if prepass:
         # teacher-only pass, one gather per chunk: k+1 values, k ids, sum of exp, sum of exp

@@ -19,7 +19,7 @@ and lm_head shard) inside tailkd_dist.parallel.vocab_parallel.CommCounter:
   from the first call;
 * numbers per token of the loss's scalar collectives (candidates all-gather + tail MAX +
   partial SUM; CommCounter.numbers_per_token) against the design's formula
-  (vocab_parallel.loss_numbers_per_token, with the TAD pre-pass when N > chunk_size);
+  (vocab_parallel.loss_numbers_per_token, with the TAD pre-pass when N > chunk_size: the N positions are one document);
 * numbers per token that move hidden states (forward gather of the student's and teacher's
   hidden states + backward reduce-scatter of the hidden-state gradient);
 * bytes per token of the scalar collectives (fp32) against gathering one model's full logits

@@ -19,7 +19,7 @@ One mechanism serves every divergence and both layouts:
   ``vocab_group=None`` every exchange is the identity (P = 1).
 
 TAD's beta(X) needs the teacher's tail mass of every position of a document before any tail
-gradient is final; with more than one chunk a teacher-only pre-pass computes it (one extra
+gradient is final; when a document spans chunks a teacher-only pre-pass computes it (one extra
 teacher lm_head matmul: 5 matmuls against forward KL's 4; spec "Chunked form"). Having K and
 log aT first also lets the main pass stream the teacher's logits in row blocks.
 
@@ -384,8 +384,8 @@ class _Chunker:
 
     Two shapes of main pass, sharing every element-wise step (``_partials``, ``_grad``):
 
-    * **one pass** (forward KL, reverse KL, JSD, CE only, and TAD when one chunk holds every
-      position): teacher and student logits of the chunk side by side. Per chunk the group
+    * **one pass** (forward KL, reverse KL, JSD, CE only, and TAD when every document lies
+      inside one chunk): teacher and student logits of the chunk side by side. Per chunk the group
       talks three times (spec, "Vocabulary-sharded form"):
       1. all-gather of per-rank candidates: teacher top-k (values, global ids) and sum of exp
          relative to the rank's max; student max, argmax and sum of exp -> every rank knows
@@ -394,9 +394,9 @@ class _Chunker:
          taken relative to their exact maxima, so log aT and log aS are exact in log space
          even when a tail is thousands of nats below the top;
       3. one SUM all-reduce of every per-token partial sum (``partial_names``).
-    * **TAD with a teacher pre-pass** (more positions than one chunk): the pre-pass leaves
-      K, the teacher's log-normaliser and log aT of every position, so the main pass needs
-      the teacher only element-wise. The student's logits of the chunk sit in one buffer;
+    * **TAD with a teacher pre-pass** (a document's valid positions span chunks): the
+      pre-pass leaves K, the teacher's log-normaliser and log aT of every position, so the
+      main pass needs the teacher only element-wise. The student's logits of the chunk sit in one buffer;
       the teacher's are made ``teacher_rows`` rows at a time (``_TEACHER_ELEMENTS``), used
       once (partial sums and the gradient in the same sweep) and dropped: the extra memory
       is one [chunk, V_r] buffer plus a [teacher rows, V_r] one, about half of the one-pass
@@ -580,9 +580,8 @@ class _Chunker:
             jsd_beta=o.jsd_beta,
         )
         if o.divergence == "tad":
-            if beta_x_all is None:  # the single chunk holds every position of every document
-                beta_x_all = self.beta_from(a_t)
-            tok["beta_x"] = beta_x_all[rows]
+            # Without the pre-pass every document's valid positions lie inside this chunk.
+            tok["beta_x"] = self.beta_from(a_t, rows) if beta_x_all is None else beta_x_all[rows]
         else:
             tok["beta_x"] = torch.zeros_like(kl)
         vf = self.valid[rows].to(self.cdtype)
@@ -716,14 +715,28 @@ class _Chunker:
         if self.gb is not None:
             self.gb += gs.sum(0)
 
-    def beta_from(self, a_t):
+    def beta_from(self, a_t, rows=slice(None)):
+        seg = document_segments(self.docs[rows])
+        return per_document_beta(a_t, self.valid[rows], seg, self.o.beta)
+
+    def documents_within_chunks(self) -> bool:
+        """Do the valid positions of every document lie inside one chunk? Then each chunk's
+        beta(X) is final within the chunk and TAD needs no pre-pass (spec, "Chunked form"):
+        e.g. rows of T <= chunk_size positions with chunk_size a multiple of T, documents
+        inside rows. One host sync; the answer is the same on every rank of the group."""
+        n = self.docs.shape[0]
         seg = document_segments(self.docs)
-        return per_document_beta(a_t, self.valid, seg, self.o.beta)
+        chunk = torch.arange(n, device=seg.device) // self.o.chunk_size
+        lo = torch.full((n,), n, dtype=torch.long, device=seg.device)
+        hi = torch.full((n,), -1, dtype=torch.long, device=seg.device)
+        lo.scatter_reduce_(0, seg, torch.where(self.valid, chunk, n), "amin")
+        hi.scatter_reduce_(0, seg, torch.where(self.valid, chunk, -1), "amax")
+        return bool((hi <= lo).all())
 
     def run(self):
         n = self.hs.shape[0]
         dev, dt, v_r = self.hs.device, self.cdtype, self.L.vocab_local
-        streamed = self.o.divergence == "tad" and n > self.o.chunk_size
+        streamed = self.o.divergence == "tad" and n > self.o.chunk_size and not self.documents_within_chunks()
         self.s_buf = torch.empty(self.chunk_rows, v_r, dtype=dt, device=dev)
         self.t_buf = torch.empty(self.teacher_rows if streamed else self.chunk_rows, v_r, dtype=dt, device=dev)
         per_tok = torch.zeros(n, len(STAT_KEYS), dtype=dt, device=dev)
@@ -862,8 +875,8 @@ def fused_linear_distill(
             document wherever they stand; global across the group). Default: each row of
             [B, T] is a document, all of [N] is one.
         chunk_size: positions per chunk; extra memory ~ 2 * chunk_size * V_r logits (TAD
-            over more than one chunk: ~ chunk_size * V_r, the teacher's logits streamed in
-            blocks of rows after its pre-pass).
+            with a document that spans chunks: ~ chunk_size * V_r, the teacher's logits
+            streamed in blocks of rows after its pre-pass).
         vocab_group: process group sharing the vocabulary (None: single process).
 
     Returns:
@@ -877,7 +890,9 @@ def fused_linear_distill(
         of squares) give the tail masses' spread.
 
     Host syncs: two per call (the group's layout before allocating, and the finiteness /
-    label check at the end), plus one per row block where the top-k check looks for ties.
+    label check at the end), one more for TAD over several chunks (does every document fit
+    inside a chunk? then no pre-pass is needed), plus one per row block where the top-k
+    check looks for ties.
     """
     local_problem = None
     try:

@@ -108,7 +108,7 @@ def loss_numbers_per_token(
     keeps log aT / log aS exact in log space; the SUM has 8 columns. Reverse KL adds 1 sum,
     JSD 2, tau != 1 adds P (CE's normaliser at tau = 1).
 
-    With the TAD pre-pass (more positions than one chunk) the teacher is seen in row blocks
+    With the TAD pre-pass (a document spans chunks) the teacher is seen in row blocks
     that are gone before any exchange, so every rank sends what the tail needs up front:
     the pre-pass gathers, per rank, k+1 values (the (k+1)-th is the maximum of the rank's
     entries outside its own top-k), k ids, the sum of exp, the sum of exp of those outside
