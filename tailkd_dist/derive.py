@@ -67,7 +67,7 @@ from typing import Any
 
 from tailkd_dist import __version__
 from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
-from tailkd_dist.staging import staged_dir
+from tailkd_dist.staging import check_replaceable, staged_dir
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
 # once.
@@ -361,16 +361,7 @@ def _check_paths(config: DeriveConfig):
     out = Path(config.output)
     if out.resolve() == teacher.resolve():
         raise ValueError(f"the output {out} is the teacher directory: choose another --output.")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory: choose another --output.")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            raise ValueError(f"output directory {out} is not empty: pass --overwrite to replace "
-                             "it, or choose another --output.")
-        if not (out / DERIVATION).is_file():  # --overwrite deletes it: only our own outputs
-            raise ValueError(f"--overwrite: {out} is not an output of {PROG} (no {DERIVATION}); "
-                             "refusing to delete it. Choose another --output.")
-    return teacher, out
+    return teacher, check_replaceable(out, overwrite=config.overwrite, marker=DERIVATION, producer=PROG)
 
 
 def _load_teacher_config(teacher: Path):

@@ -13,6 +13,23 @@ import tempfile
 from pathlib import Path
 
 
+def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str) -> Path:
+    """ValueError unless ``out`` may be written: absent, empty, or (with ``overwrite``) an
+    earlier output of ``producer``, recognised by its ``marker`` file. Never deletes a
+    directory some other tool or person made."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory: choose another --output.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output directory {out} is not empty: pass --overwrite to replace "
+                             "it, or choose another --output.")
+        if not (out / marker).is_file():
+            raise ValueError(f"--overwrite: {out} is not an output of {producer} (no {marker}); "
+                             "refusing to delete it. Choose another --output.")
+    return out
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path):
     """``with staged_dir(out) as staging:`` fill ``staging``; on success it becomes ``out``

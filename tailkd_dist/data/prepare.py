@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tailkd_dist import __version__
-from tailkd_dist.staging import staged_dir
+from tailkd_dist.staging import check_replaceable, staged_dir
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
@@ -217,17 +217,8 @@ def _check_config(config: PrepareConfig) -> Path:
     if (config.tokenizer is None) == (config.train_tokenizer is None):
         raise ValueError("pass exactly one of --tokenizer DIR (an HF tokenizer, e.g. the "
                          "teacher's) and --train-tokenizer VOCAB (train a byte-level BPE).")
-    out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory: choose another --output.")
-    if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            raise ValueError(f"output directory {out} is not empty: pass --overwrite to replace "
-                             "it, or choose another --output.")
-        if not (out / MANIFEST).is_file():  # --overwrite deletes it: only our own outputs
-            raise ValueError(f"--overwrite: {out} is not an output of tailkd-prepare-data (no "
-                             f"{MANIFEST}); refusing to delete it. Choose another --output.")
-    return out
+    return check_replaceable(config.output, overwrite=config.overwrite, marker=MANIFEST,
+                             producer="tailkd-prepare-data")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
