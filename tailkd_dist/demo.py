@@ -253,7 +253,6 @@ def summarise_history(history: list[dict], skip: int = 1) -> dict:
 def run_worker(plan_path: str) -> int:
     """Run the plan's stages in order (every rank of a torchrun job calls this)."""
     _quiet_logs()
-    import torch
     import torch.distributed as dist
 
     from tailkd_dist.config import load_config

@@ -2,7 +2,6 @@
 from HF configs, data from the real prepare tool (python-stdlib slice)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess

@@ -191,7 +191,6 @@ def test_hf_export_loads_generates_and_matches(ref, single, tmp_path):
 
 def _contains_row(buf, row) -> bool:
     """Whether ``row`` (1-D) occurs as a contiguous run of the flattened ``buf``."""
-    import torch
 
     if buf.dtype != row.dtype or buf.numel() < row.numel() or row.numel() == 0:
         return False

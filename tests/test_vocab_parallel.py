@@ -16,13 +16,13 @@ size 2 the pairs {0,1} and {2,3} (cases alternate between them), size 1 a single
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import RankError, run_distributed
+from dist_harness import run_distributed
 
 DIVERGENCES = ("tad", "forward_kl", "reverse_kl", "jsd", "none")
 TOL = {"float64": 1e-10, "float32": 1e-5}

@@ -37,7 +37,6 @@ Supported launchers (:meth:`DistEnv.from_environ`):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
