@@ -2,6 +2,7 @@
 and the preflight that checks they can be distilled token by token before any heavy work."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -29,21 +30,63 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-def build_model(spec: ModelSpec, *, dtype: torch.dtype, attention: str):
-    """An HF causal LM from a local directory, or with random weights from a config dict."""
+def build_model(spec: ModelSpec, *, dtype: torch.dtype, attention: str, zero3_config: dict | None = None):
+    """An HF causal LM from a local directory, or with random weights from a config dict.
+
+    ``zero3_config`` (a DeepSpeed ZeRO-3 config; directories only): load straight into ZeRO-3
+    partitions. transformers then builds the model under ``deepspeed.zero.Init`` and copies
+    each checkpoint tensor into its partitions as it reads the shards, so a rank holds its
+    1/world of the parameters plus one shard file, never the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.path is not None:
-        return AutoModelForCausalLM.from_pretrained(
-            spec.path, dtype=dtype, attn_implementation=attention, local_files_only=True,
-            low_cpu_mem_usage=True,
-        )
+        if zero3_config is None:
+            return AutoModelForCausalLM.from_pretrained(
+                spec.path, dtype=dtype, attn_implementation=attention, local_files_only=True,
+                low_cpu_mem_usage=True,
+            )
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers looks for ZeRO-3 through a weak reference to this object: it must stay
+        # alive during from_pretrained, and only then (the student is built whole after it).
+        alive = [HfDeepSpeedConfig(zero3_config)]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.path, dtype=dtype, attn_implementation=attention, local_files_only=True)
+        finally:
+            alive.clear()  # the last reference: ZeRO-3 loading is off again
+        assert is_partitioned(model), "from_pretrained under HfDeepSpeedConfig did not partition"
+        return model
     cfg = dict(spec.config)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     # Same seed on every rank: every rank must start from identical weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Are the module's parameters ZeRO-3 partitions (made under deepspeed.zero.Init)?"""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its ``shape`` is then [0])."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+@contextlib.contextmanager
+def gathered(*params):
+    """Read the full values of ZeRO-3 partitioned parameters inside the block (every rank
+    must enter it: it all-gathers); ordinary parameters pass through untouched."""
+    parts = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
 
 
 def body_of(model: nn.Module) -> nn.Module:
@@ -97,7 +140,7 @@ class VocabPlan:
 def plan_vocab(teacher, student, *, teacher_spec: ModelSpec, student_spec: ModelSpec) -> VocabPlan:
     """Tokenizer/vocabulary compatibility. Padded vocabularies (e.g. 151936 vs 152064 rows over
     the same tokenizer) use the common rows and say so; anything else is refused."""
-    vt, vs = lm_head_of(teacher).weight.shape[0], lm_head_of(student).weight.shape[0]
+    vt, vs = full_shape(lm_head_of(teacher).weight)[0], full_shape(lm_head_of(student).weight)[0]
     tdir, sdir = tokenizer_dir(teacher_spec), tokenizer_dir(student_spec)
     n_tokens = None
     if tdir and sdir:

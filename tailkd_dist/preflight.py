@@ -44,9 +44,11 @@ per element (fp32 weight, gradient, two moments), the teacher's 4. The fused los
 [chunk, V / G] fp32 blocks and the loss group's gathered hidden states; activations are taken as
 (10 d + 4 d_ffn) x b per token and layer for the student (d x b per token and layer plus one
 block with activation checkpointing), one block's worth for the teacher (no_grad), plus the
-attention matrices with eager attention. Every rank also loads both models in fp32 on the host
-before the engines shard them (``train.py``): on GPUs that is host RAM, on CPU it adds to the
-same memory. Treat the result as an estimate (+- 20 %); the verdict leaves 10 % headroom.
+attention matrices with eager attention. Every rank also loads the student in fp32 on the host
+before the engines shard it, and the teacher likewise, or (DeepSpeed, ``engine.teacher_zero_init``,
+a teacher directory) only its ZeRO-3 partition b P / W plus one checkpoint file at a time
+(``train.load_teacher``): on GPUs that is host RAM, on CPU it adds to the same memory. Treat
+the result as an estimate (+- 20 %); the verdict leaves 10 % headroom.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ class MemoryEstimate:
                        f"the estimate may use {HEADROOM:.0%} of it")
         if self.host_per_node is not None:
             cap = f" of {self.host_capacity / GIB:.1f} GiB" if self.host_capacity else ""
-            out.append(f"  host RAM per node while loading (fp32 copies of both models on every rank): "
+            out.append(f"  host RAM per node while loading (every rank's copies): "
                        f"{self.host_per_node / GIB:.1f} GiB{cap}")
         return out
 
@@ -300,6 +302,9 @@ class _Layout:
     eager_attention: bool
     buckets: dict
     hidden_term: bool = False  # loss.hidden_weight > 0: per-layer projections + teacher layer states
+    # The teacher is read straight into ZeRO-3 partitions (engine.teacher_zero_init with a
+    # teacher directory): bytes of its largest checkpoint file, which a rank holds at once.
+    teacher_partitioned_load: int | None = None
 
     def describe(self) -> str:
         if self.engine == "deepspeed":
@@ -371,9 +376,32 @@ def estimate_components(teacher: ModelStats | None, student: ModelStats, vocab: 
         c["teacher forward (no_grad, one block)"] = t_act
     c["runtime (CUDA context, buffers)" if on_gpu else "runtime (python, torch, libraries)"] = \
         RUNTIME_GPU if on_gpu else RUNTIME_CPU
-    if not on_gpu:  # every rank holds both models in fp32 while the engines are built
-        c["fp32 copies of both models while loading"] = 4 * (student.total_params + (teacher.total_params if teacher else 0))
+    if not on_gpu:  # loading happens in the same memory
+        c.update(loading_components(teacher, student, lay))
     return c
+
+
+def loading_components(teacher: ModelStats | None, student: ModelStats, lay: _Layout) -> dict[str, float]:
+    """Host bytes per rank while the models load, before the engines shard them."""
+    c = {"student: fp32 copy while loading": 4 * student.total_params}
+    if teacher is None:
+        return c
+    if lay.teacher_partitioned_load is not None:
+        c["teacher: its ZeRO-3 partition + one checkpoint file while loading"] = (
+            lay.dtype_bytes * teacher.total_params / lay.world + lay.teacher_partitioned_load)
+    else:
+        c["teacher: fp32 copy while loading"] = 4 * teacher.total_params
+    return c
+
+
+def _loading_words(lay: _Layout) -> str:
+    return ("a fp32 student + the teacher's ZeRO-3 partition and one checkpoint file"
+            if lay.teacher_partitioned_load is not None else "fp32 copies of both models")
+
+
+def _largest_checkpoint_file(path: str) -> int:
+    sizes = [f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(path).glob(pattern)]
+    return max(sizes, default=0)
 
 
 def _fits(c: dict[str, float], sharing: int, capacity: float | None) -> bool:
@@ -652,7 +680,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                       chunk=cfg.loss.chunk_size, dtype_bytes=2 if dtype == "bf16" else 4,
                       activation_checkpointing=cfg.engine.kind == "fsdp2" and cfg.engine.activation_checkpointing,
                       eager_attention=cfg.models.attention == "eager", buckets=buckets,
-                      hidden_term=float(getattr(cfg.loss, "hidden_weight", 0.0) or 0.0) > 0)
+                      hidden_term=float(getattr(cfg.loss, "hidden_weight", 0.0) or 0.0) > 0,
+                      teacher_partitioned_load=(
+                          _largest_checkpoint_file(cfg.models.teacher.path)
+                          if cfg.engine.kind == "deepspeed" and cfg.engine.teacher_zero_init
+                          and cfg.models.teacher.path is not None else None))
         if seq_len is None:
             r.warnings.append("memory: the shards' row length is unknown; activations estimated for 2048 tokens")
         teacher = stats.get("teacher")
@@ -662,7 +694,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         mem = MemoryEstimate(components=comps, per_rank=sum(comps.values()), ranks_sharing=sharing,
                              capacity=capacity, capacity_source=source, device=device, layout=lay.describe())
         if on_gpu:
-            mem.host_per_node = per_node * 4 * (stats["student"].total_params + (teacher.total_params if teacher else 0))
+            mem.host_per_node = per_node * sum(loading_components(teacher, stats["student"], lay).values())
             if host_memory_gib is not None:
                 mem.host_capacity = host_memory_gib * GIB
             elif torch.cuda.is_available():
@@ -688,11 +720,13 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                             f"what fits: " + "; ".join(mem.suggestions))
         if on_gpu and mem.host_capacity is None and mem.host_per_node > 256 * GIB:
             r.warnings.append(f"memory: loading needs about {mem.host_per_node / GIB:.0f} GiB of host RAM per node "
-                              f"({per_node} ranks x fp32 copies of both models); pass --host-memory-gib to check it")
+                              f"({per_node} ranks x {_loading_words(lay)}); pass --host-memory-gib to check it")
         if mem.host_per_node and mem.host_capacity and mem.host_per_node > HEADROOM * mem.host_capacity:
             findings.append(f"memory: loading needs about {mem.host_per_node / GIB:.0f} GiB of host RAM per node "
-                            f"({per_node} ranks x fp32 copies of both models) but the node has "
-                            f"{mem.host_capacity / GIB:.0f} GiB: fewer ranks per node or smaller models")
+                            f"({per_node} ranks x {_loading_words(lay)}) but the node has "
+                            f"{mem.host_capacity / GIB:.0f} GiB: fewer ranks per node or smaller models"
+                            + ("" if lay.teacher_partitioned_load is not None or lay.engine != "deepspeed" else
+                               ", or give the teacher as a directory with engine.teacher_zero_init: true"))
         (r.warnings if mode == "warn" else r.problems).extend(findings)
     return r
 

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run, wait_for_step,
-    write_config,
+    REPO, TEACHER, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run,
+    wait_for_step, write_config,
 )
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
@@ -67,6 +67,36 @@ def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
                            engine__ds_config=str(REPO / "ds_configs" / ds), checkpoint__export_hf_at_end=False)
         run(cfg, launcher=launcher, nproc=2)
         _close(losses(tmp_path / name), ref, REL, name)
+
+
+def test_teacher_directory_loads_into_zero3_partitions(data, tmp_path):
+    """engine.teacher_zero_init: a teacher read from a directory goes straight into its ZeRO-3
+    partitions (each of 2 ranks holds about half of its parameters, never all of them) and
+    the run's losses equal those of the same teacher loaded whole in one process."""
+    import re
+
+    import torch
+
+    from tailkd_dist.config import ModelSpec
+    from tailkd_dist.models import build_model
+
+    tdir = tmp_path / "teacher"
+    build_model(ModelSpec(config=TEACHER, init_seed=1), dtype=torch.float32, attention="sdpa").save_pretrained(tdir)
+    teacher = {"path": str(tdir), "tokenizer": str(data / "tokenizer")}
+    common = dict(models__teacher=teacher, checkpoint__export_hf_at_end=False, optim__max_steps=2)
+    whole = write_config(tmp_path / "whole.yaml", data, tmp_path / "whole", optim__grad_accum=2,
+                         engine__teacher_zero_init=False, **common)
+    out = run(whole)
+    assert "ZeRO-3 partitions" not in out.stderr
+    ref = losses(tmp_path / "whole")
+    sharded = write_config(tmp_path / "sharded.yaml", data, tmp_path / "sharded", loss__loss_group_size=2,
+                           engine__ds_config=str(REPO / "ds_configs/zero3.json"), **common)
+    out = run(sharded, launcher="torchrun", nproc=2)
+    m = re.search(r"loaded into ZeRO-3 partitions: (\d+) of its (\d+) parameters on this rank", out.stderr)
+    assert m, out.stderr[-3000:]
+    mine, total = int(m[1]), int(m[2])
+    assert total > 0 and mine <= total / 2 + 2 * 64, (mine, total)  # + per-tensor padding
+    _close(losses(tmp_path / "sharded"), ref, REL, "teacher loaded into ZeRO-3 partitions")
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups
+from tailkd_dist.models import is_partitioned
 
 
 def _fill_auto(cfg_json: dict, values: dict) -> dict:
@@ -74,6 +75,37 @@ def ensure_torch_distributed() -> None:
                                auto_mpi_discovery=False)
 
 
+def _auto_values(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
+    o = cfg.optim
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * o.grad_accum * world_size,
+        "gradient_clipping": 0.0,  # set per step from the global norm (module docstring)
+        "bf16.enabled": dtype == torch.bfloat16,
+        "optimizer.params.lr": o.lr, "optimizer.params.betas": list(o.betas),
+        "optimizer.params.eps": o.eps, "optimizer.params.weight_decay": o.weight_decay,
+    }
+
+
+def teacher_ds_config(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
+    """The teacher engine's DeepSpeed config, checked: ZeRO-3, no optimizer."""
+    t_cfg = load_ds_config(cfg.engine.teacher_ds_config, _auto_values(cfg, world_size=world_size, dtype=dtype))
+    if t_cfg.get("zero_optimization", {}).get("stage") != 3 or "optimizer" in t_cfg:
+        raise ValueError(f"{cfg.engine.teacher_ds_config}: the teacher engine must be ZeRO stage 3 "
+                         "without an optimizer (inference only)")
+    return t_cfg
+
+
+def teacher_zero3_load_config(cfg, *, world_size: int, dtype: torch.dtype) -> dict | None:
+    """The config to load the teacher into ZeRO-3 partitions with, or None to load it whole
+    (``engine.teacher_zero_init``; only teachers read from a directory)."""
+    if cfg.engine.kind != "deepspeed" or not cfg.engine.teacher_zero_init or cfg.models.teacher.path is None:
+        return None
+    ensure_torch_distributed()  # zero.Init partitions over the world group
+    return teacher_ds_config(cfg, world_size=world_size, dtype=dtype)
+
+
 class DeepSpeedAdapter(EngineAdapter):
     name = "deepspeed"
 
@@ -82,29 +114,17 @@ class DeepSpeedAdapter(EngineAdapter):
         import deepspeed
 
         o, W = cfg.optim, topo.world_size
-        bf16 = dtype == torch.bfloat16
-        values = {
-            "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-            "gradient_accumulation_steps": o.grad_accum,
-            "train_batch_size": cfg.data.micro_batch_size * o.grad_accum * W,
-            "gradient_clipping": 0.0,  # set per step from the global norm (module docstring)
-            "bf16.enabled": bf16,
-            "optimizer.params.lr": o.lr, "optimizer.params.betas": list(o.betas),
-            "optimizer.params.eps": o.eps, "optimizer.params.weight_decay": o.weight_decay,
-        }
-        ds_cfg = load_ds_config(cfg.engine.ds_config, values)
-        t_cfg = load_ds_config(cfg.engine.teacher_ds_config, values)
+        ds_cfg = load_ds_config(cfg.engine.ds_config, _auto_values(cfg, world_size=W, dtype=dtype))
+        t_cfg = teacher_ds_config(cfg, world_size=W, dtype=dtype)
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         if stage not in (1, 2, 3):
             raise ValueError(f"{cfg.engine.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
-        if t_cfg.get("zero_optimization", {}).get("stage") != 3 or "optimizer" in t_cfg:
-            raise ValueError(f"{cfg.engine.teacher_ds_config}: the teacher engine must be ZeRO stage 3 "
-                             "without an optimizer (inference only)")
         ensure_torch_distributed()
         self.stage = stage
         # Drop the lm_heads from the bodies' parameter sets: the shards own those rows now.
         self.student_body.to(dtype)
-        if self.has_teacher:
+        if self.has_teacher and not is_partitioned(self.teacher_body):
+            # (a teacher loaded into ZeRO-3 partitions already has the config's dtype)
             self.teacher_body.to(dtype)
         optimizer = None
         if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)

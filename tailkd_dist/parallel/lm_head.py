@@ -48,10 +48,14 @@ class ShardedHead(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, vocab: int, rank: int, size: int, trainable: bool):
+        from tailkd_dist.models import gathered
+
         start, stop = vocab_slice(vocab, rank=rank, size=size)
-        w = linear.weight[start:stop]
-        b = None if getattr(linear, "bias", None) is None else linear.bias[start:stop]
-        return cls(w, b, start=start, vocab=vocab, trainable=trainable)
+        bias = getattr(linear, "bias", None)
+        # A head loaded into ZeRO-3 partitions is gathered once, for the copy of its rows.
+        with gathered(linear.weight, bias):
+            return cls(linear.weight[start:stop], None if bias is None else bias[start:stop],
+                       start=start, vocab=vocab, trainable=trainable)
 
     def finish_grads(self, dp_group, *, divide_by: float) -> None:
         """Sum the shard's gradient over the replica group and scale it once (end of a step)."""
