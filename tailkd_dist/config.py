@@ -138,12 +138,13 @@ class EngineConfig:
     """DeepSpeed JSON for the student ("auto" values are filled from this config)."""
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
     """DeepSpeed JSON for the frozen teacher (ZeRO-3, no optimizer)."""
-    teacher_zero_init: bool = True
-    """deepspeed: load a teacher given by ``models.teacher.path`` straight into its ZeRO-3
-    partitions (transformers' HfDeepSpeedConfig + deepspeed.zero.Init), so no rank ever holds
-    the whole teacher (a 70B teacher is 140 GB in bf16). False: every rank loads the whole
-    teacher in host RAM first, then the engine partitions it. Teachers built from a config
-    (random weights, tests) are always built whole."""
+    zero_init: bool = True
+    """deepspeed: load a model given by ``path`` straight into its ZeRO-3 partitions
+    (transformers' HfDeepSpeedConfig + deepspeed.zero.Init), so no rank ever holds all of it
+    (a 70B teacher is 140 GB in bf16): always the teacher (its engine is ZeRO-3), the student
+    when ``ds_config`` is ZeRO stage 3. False: every rank loads each model whole in host RAM
+    first, then the engine partitions it. Models built from a config (random weights, tests)
+    are always built whole."""
     dist_timeout_s: float = 600.0
     """Collective timeout: a dead rank makes the others fail within this many seconds."""
     activation_checkpointing: bool = False

@@ -45,9 +45,9 @@ per element (fp32 weight, gradient, two moments), the teacher's 4. The fused los
 (10 d + 4 d_ffn) x b per token and layer for the student (d x b per token and layer plus one
 block with activation checkpointing), one block's worth for the teacher (no_grad), plus the
 attention matrices with eager attention. Every rank also loads the student in fp32 on the host
-before the engines shard it, and the teacher likewise, or (DeepSpeed, ``engine.teacher_zero_init``,
+before the engines shard it, and the teacher likewise, or (DeepSpeed, ``engine.zero_init``,
 a teacher directory) only its ZeRO-3 partition b P / W plus one checkpoint file at a time
-(``train.load_teacher``): on GPUs that is host RAM, on CPU it adds to the same memory. Treat
+(``train.load_models``; a student directory under a ZeRO-3 student engine likewise): on GPUs that is host RAM, on CPU it adds to the same memory. Treat
 the result as an estimate (+- 20 %); the verdict leaves 10 % headroom.
 """
 from __future__ import annotations
@@ -302,9 +302,10 @@ class _Layout:
     eager_attention: bool
     buckets: dict
     hidden_term: bool = False  # loss.hidden_weight > 0: per-layer projections + teacher layer states
-    # The teacher is read straight into ZeRO-3 partitions (engine.teacher_zero_init with a
+    # The teacher is read straight into ZeRO-3 partitions (engine.zero_init with a
     # teacher directory): bytes of its largest checkpoint file, which a rank holds at once.
     teacher_partitioned_load: int | None = None
+    student_partitioned_load: int | None = None  # likewise the student (ZeRO-3 student engine)
 
     def describe(self) -> str:
         if self.engine == "deepspeed":
@@ -383,7 +384,11 @@ def estimate_components(teacher: ModelStats | None, student: ModelStats, vocab: 
 
 def loading_components(teacher: ModelStats | None, student: ModelStats, lay: _Layout) -> dict[str, float]:
     """Host bytes per rank while the models load, before the engines shard them."""
-    c = {"student: fp32 copy while loading": 4 * student.total_params}
+    if lay.student_partitioned_load is not None:
+        c = {"student: its ZeRO-3 partition + one checkpoint file while loading":
+             lay.dtype_bytes * student.total_params / lay.world + lay.student_partitioned_load}
+    else:
+        c = {"student: fp32 copy while loading": 4 * student.total_params}
     if teacher is None:
         return c
     if lay.teacher_partitioned_load is not None:
@@ -395,8 +400,10 @@ def loading_components(teacher: ModelStats | None, student: ModelStats, lay: _La
 
 
 def _loading_words(lay: _Layout) -> str:
-    return ("a fp32 student + the teacher's ZeRO-3 partition and one checkpoint file"
-            if lay.teacher_partitioned_load is not None else "fp32 copies of both models")
+    words = {None: "a fp32 copy"}
+    return " + ".join(
+        f"{role}: {words.get(load, 'its ZeRO-3 partition and one checkpoint file')}"
+        for role, load in (("student", lay.student_partitioned_load), ("teacher", lay.teacher_partitioned_load)))
 
 
 def _largest_checkpoint_file(path: str) -> int:
@@ -638,13 +645,9 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         dtype = "bf16" if on_gpu else "fp32"
     if cfg.engine.kind == "fsdp2" and not on_gpu:
         dtype = "fp32"  # the fsdp2 adapter computes in fp32 on CPU
-    o = cfg.optim
-    values = {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size, "gradient_accumulation_steps": o.grad_accum,
-        "train_batch_size": cfg.data.micro_batch_size * o.grad_accum * world_size, "gradient_clipping": 0.0,
-        "bf16.enabled": dtype == "bf16", "optimizer.params.lr": o.lr, "optimizer.params.betas": list(o.betas),
-        "optimizer.params.eps": o.eps, "optimizer.params.weight_decay": o.weight_decay,
-    }
+    from tailkd_dist.engines.deepspeed_engine import auto_values
+
+    values = auto_values(cfg, world_size=world_size, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     stage, off_opt, off_param, t_off, buckets = 3, False, False, False, dict(_DS_DEFAULTS)
     if cfg.engine.kind == "deepspeed":
         ds = _ds_json(cfg.engine.ds_config, values, r, "engine.ds_config")
@@ -683,8 +686,12 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                       hidden_term=float(getattr(cfg.loss, "hidden_weight", 0.0) or 0.0) > 0,
                       teacher_partitioned_load=(
                           _largest_checkpoint_file(cfg.models.teacher.path)
-                          if cfg.engine.kind == "deepspeed" and cfg.engine.teacher_zero_init
-                          and cfg.models.teacher.path is not None else None))
+                          if cfg.engine.kind == "deepspeed" and cfg.engine.zero_init
+                          and cfg.models.teacher.path is not None else None),
+                      student_partitioned_load=(
+                          _largest_checkpoint_file(cfg.models.student.path)
+                          if cfg.engine.kind == "deepspeed" and cfg.engine.zero_init and stage == 3
+                          and cfg.models.student.path is not None else None))
         if seq_len is None:
             r.warnings.append("memory: the shards' row length is unknown; activations estimated for 2048 tokens")
         teacher = stats.get("teacher")
@@ -726,7 +733,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                             f"({per_node} ranks x {_loading_words(lay)}) but the node has "
                             f"{mem.host_capacity / GIB:.0f} GiB: fewer ranks per node or smaller models"
                             + ("" if lay.teacher_partitioned_load is not None or lay.engine != "deepspeed" else
-                               ", or give the teacher as a directory with engine.teacher_zero_init: true"))
+                               ", or give the teacher as a directory with engine.zero_init: true"))
         (r.warnings if mode == "warn" else r.problems).extend(findings)
     return r
 

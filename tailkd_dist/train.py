@@ -70,23 +70,29 @@ def make_adapter(cfg, topo, teacher, student, vocab, dtype):
     return FSDP2Adapter(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab, dtype=dtype)
 
 
-def load_teacher(cfg: TrainConfig, topo, dtype: torch.dtype):
-    """The teacher, whole on every rank, or (DeepSpeed, ``engine.teacher_zero_init``, a
-    directory) straight into its ZeRO-3 partitions: no rank ever holds all of it."""
-    zero3 = None
+def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
+    """(teacher or None, student): each whole on every rank, or (DeepSpeed, ``engine.zero_init``,
+    a directory) straight into its ZeRO-3 partitions, so no rank ever holds all of it."""
+    t_zero3 = s_zero3 = None
     if cfg.engine.kind == "deepspeed":
-        from tailkd_dist.engines.deepspeed_engine import teacher_zero3_load_config
+        from tailkd_dist.engines.deepspeed_engine import zero3_load_configs
 
-        zero3 = teacher_zero3_load_config(cfg, world_size=topo.world_size, dtype=dtype)
-    if zero3 is None:
-        return build_model(cfg.models.teacher, dtype=torch.float32, attention=cfg.models.attention)
-    teacher = build_model(cfg.models.teacher, dtype=dtype, attention=cfg.models.attention, zero3_config=zero3)
-    mine = sum(p.ds_tensor.numel() for p in teacher.parameters())
-    total = sum(p.ds_numel for p in teacher.parameters())
-    if topo.rank == 0:
-        log.info("teacher %s loaded into ZeRO-3 partitions: %d of its %d parameters on this rank",
-                 cfg.models.teacher.path, mine, total)
-    return teacher
+        t_zero3, s_zero3 = zero3_load_configs(cfg, world_size=topo.world_size, dtype=dtype)
+    models = {}
+    for role, spec, zero3 in (("teacher", cfg.models.teacher, t_zero3), ("student", cfg.models.student, s_zero3)):
+        if role == "teacher" and spec.path is None and spec.config is None:
+            models[role] = None  # CE-only training
+            continue
+        if zero3 is None:
+            models[role] = build_model(spec, dtype=torch.float32, attention=cfg.models.attention)
+            continue
+        model = models[role] = build_model(spec, dtype=dtype, attention=cfg.models.attention, zero3_config=zero3)
+        mine = sum(p.ds_tensor.numel() for p in model.parameters())
+        total = sum(p.ds_numel for p in model.parameters())
+        if topo.rank == 0:
+            log.info("%s %s loaded into ZeRO-3 partitions: %d of its %d parameters on this rank",
+                     role, spec.path, mine, total)
+    return models["teacher"], models["student"]
 
 
 def make_loaders(cfg: TrainConfig, *, tok_dir, vocab: int):
@@ -140,9 +146,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.models.dtype)
     # Preflight: everything cheap that can be wrong, before any engine is built.
-    has_teacher = cfg.models.teacher.path is not None or cfg.models.teacher.config is not None
-    teacher = load_teacher(cfg, topo, dtype) if has_teacher else None
-    student = build_model(cfg.models.student, dtype=torch.float32, attention=cfg.models.attention)
+    teacher, student = load_models(cfg, topo, dtype)
+    has_teacher = teacher is not None
     plan = plan_vocab(teacher if has_teacher else student, student,
                       teacher_spec=cfg.models.teacher if has_teacher else cfg.models.student,
                       student_spec=cfg.models.student)

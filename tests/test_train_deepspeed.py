@@ -11,7 +11,7 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, TEACHER, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run,
+    REPO, STUDENT, TEACHER, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run,
     wait_for_step, write_config,
 )
 
@@ -69,10 +69,11 @@ def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
         _close(losses(tmp_path / name), ref, REL, name)
 
 
-def test_teacher_directory_loads_into_zero3_partitions(data, tmp_path):
-    """engine.teacher_zero_init: a teacher read from a directory goes straight into its ZeRO-3
-    partitions (each of 2 ranks holds about half of its parameters, never all of them) and
-    the run's losses equal those of the same teacher loaded whole in one process."""
+def test_model_directories_load_into_zero3_partitions(data, tmp_path):
+    """engine.zero_init: teacher and student read from directories go straight into their
+    ZeRO-3 partitions (each of 2 ranks holds about half of each model's parameters, never
+    all of them; the student because its engine is ZeRO-3) and the run's losses equal those
+    of the same models loaded whole in one process."""
     import re
 
     import torch
@@ -80,23 +81,36 @@ def test_teacher_directory_loads_into_zero3_partitions(data, tmp_path):
     from tailkd_dist.config import ModelSpec
     from tailkd_dist.models import build_model
 
-    tdir = tmp_path / "teacher"
-    build_model(ModelSpec(config=TEACHER, init_seed=1), dtype=torch.float32, attention="sdpa").save_pretrained(tdir)
-    teacher = {"path": str(tdir), "tokenizer": str(data / "tokenizer")}
-    common = dict(models__teacher=teacher, checkpoint__export_hf_at_end=False, optim__max_steps=2)
+    specs = {}
+    for role, config, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
+        build_model(ModelSpec(config=config, init_seed=seed), dtype=torch.float32,
+                    attention="sdpa").save_pretrained(tmp_path / role)
+        specs[role] = {"path": str(tmp_path / role), "tokenizer": str(data / "tokenizer")}
+    common = dict(models__teacher=specs["teacher"], models__student=specs["student"], optim__max_steps=2)
     whole = write_config(tmp_path / "whole.yaml", data, tmp_path / "whole", optim__grad_accum=2,
-                         engine__teacher_zero_init=False, **common)
+                         engine__zero_init=False, **common)
     out = run(whole)
     assert "ZeRO-3 partitions" not in out.stderr
     ref = losses(tmp_path / "whole")
     sharded = write_config(tmp_path / "sharded.yaml", data, tmp_path / "sharded", loss__loss_group_size=2,
                            engine__ds_config=str(REPO / "ds_configs/zero3.json"), **common)
     out = run(sharded, launcher="torchrun", nproc=2)
-    m = re.search(r"loaded into ZeRO-3 partitions: (\d+) of its (\d+) parameters on this rank", out.stderr)
-    assert m, out.stderr[-3000:]
-    mine, total = int(m[1]), int(m[2])
-    assert total > 0 and mine <= total / 2 + 2 * 64, (mine, total)  # + per-tensor padding
-    _close(losses(tmp_path / "sharded"), ref, REL, "teacher loaded into ZeRO-3 partitions")
+    for role in ("teacher", "student"):
+        m = re.search(rf"{role} \S+ loaded into ZeRO-3 partitions: (\d+) of its (\d+) parameters on this rank",
+                      out.stderr)
+        assert m, (role, out.stderr[-3000:])
+        mine, total = int(m[1]), int(m[2])
+        assert total > 0 and mine <= total / 2 + 64, (role, mine, total)  # + per-tensor padding
+    _close(losses(tmp_path / "sharded"), ref, REL, "models loaded into ZeRO-3 partitions")
+    # the exported students agree too (the export gathers the partitions and the head rows)
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "sharded" / "hf_student" / "model.safetensors")
+    want = load_file(tmp_path / "whole" / "hf_student" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        assert (got[name] - w).norm() <= 1e-4 * w.norm(), name
 
 
 @pytest.mark.slow

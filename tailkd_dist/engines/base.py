@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.config import TrainConfig
-from tailkd_dist.models import body_of, hidden_scale, lm_head_of, untie_warning
+from tailkd_dist.models import body_of, full_shape, gathered, hidden_scale, lm_head_of, untie_warning
 from tailkd_dist.parallel.lm_head import ShardedHead
 from tailkd_dist.parallel.topology import Topology
 
@@ -31,9 +31,10 @@ def _decoder_layers(body, n_layers: int):
 def decay_groups(params, weight_decay: float):
     """AdamW groups: matrices decay, vectors (norms, biases) do not."""
     params = [p for p in params if p.requires_grad]
+    matrix = lambda p: len(full_shape(p)) >= 2  # noqa: E731  (ZeRO-3 partitions are flat)
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if matrix(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0},
     ]
 
 
@@ -50,7 +51,8 @@ class EngineAdapter:
         self._init_heads(teacher=teacher, student=student, vocab=vocab)
         # Rows of a padded student lm_head beyond the common vocabulary are not trained; the
         # export puts them back unchanged.
-        self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
+        with gathered(lm_head_of(student).weight):
+            self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
         self.student_scale = hidden_scale(student.config, role="student")
         self.teacher_scale = hidden_scale(teacher.config, role="teacher") if teacher is not None else 1.0
         self.student_config = student.config

@@ -75,7 +75,8 @@ def ensure_torch_distributed() -> None:
                                auto_mpi_discovery=False)
 
 
-def _auto_values(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
+def auto_values(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
+    """What fills the "auto" entries of the DeepSpeed JSONs (also read by the preflight)."""
     o = cfg.optim
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -90,20 +91,29 @@ def _auto_values(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
 
 def teacher_ds_config(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
     """The teacher engine's DeepSpeed config, checked: ZeRO-3, no optimizer."""
-    t_cfg = load_ds_config(cfg.engine.teacher_ds_config, _auto_values(cfg, world_size=world_size, dtype=dtype))
+    t_cfg = load_ds_config(cfg.engine.teacher_ds_config, auto_values(cfg, world_size=world_size, dtype=dtype))
     if t_cfg.get("zero_optimization", {}).get("stage") != 3 or "optimizer" in t_cfg:
         raise ValueError(f"{cfg.engine.teacher_ds_config}: the teacher engine must be ZeRO stage 3 "
                          "without an optimizer (inference only)")
     return t_cfg
 
 
-def teacher_zero3_load_config(cfg, *, world_size: int, dtype: torch.dtype) -> dict | None:
-    """The config to load the teacher into ZeRO-3 partitions with, or None to load it whole
-    (``engine.teacher_zero_init``; only teachers read from a directory)."""
-    if cfg.engine.kind != "deepspeed" or not cfg.engine.teacher_zero_init or cfg.models.teacher.path is None:
-        return None
-    ensure_torch_distributed()  # zero.Init partitions over the world group
-    return teacher_ds_config(cfg, world_size=world_size, dtype=dtype)
+def zero3_load_configs(cfg, *, world_size: int, dtype: torch.dtype) -> tuple[dict | None, dict | None]:
+    """(teacher, student): the DeepSpeed config to load each model into its ZeRO-3 partitions
+    with, or None to load it whole (``engine.zero_init``; only models read from a directory,
+    the student only when its engine is ZeRO-3)."""
+    if cfg.engine.kind != "deepspeed" or not cfg.engine.zero_init:
+        return None, None
+    teacher = student = None
+    if cfg.models.teacher.path is not None:
+        teacher = teacher_ds_config(cfg, world_size=world_size, dtype=dtype)
+    if cfg.models.student.path is not None:
+        s_cfg = load_ds_config(cfg.engine.ds_config, auto_values(cfg, world_size=world_size, dtype=dtype))
+        if s_cfg.get("zero_optimization", {}).get("stage") == 3:
+            student = s_cfg
+    if teacher is not None or student is not None:
+        ensure_torch_distributed()  # zero.Init partitions over the world group
+    return teacher, student
 
 
 class DeepSpeedAdapter(EngineAdapter):
@@ -114,7 +124,7 @@ class DeepSpeedAdapter(EngineAdapter):
         import deepspeed
 
         o, W = cfg.optim, topo.world_size
-        ds_cfg = load_ds_config(cfg.engine.ds_config, _auto_values(cfg, world_size=W, dtype=dtype))
+        ds_cfg = load_ds_config(cfg.engine.ds_config, auto_values(cfg, world_size=W, dtype=dtype))
         t_cfg = teacher_ds_config(cfg, world_size=W, dtype=dtype)
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         if stage not in (1, 2, 3):
@@ -122,9 +132,10 @@ class DeepSpeedAdapter(EngineAdapter):
         ensure_torch_distributed()
         self.stage = stage
         # Drop the lm_heads from the bodies' parameter sets: the shards own those rows now.
-        self.student_body.to(dtype)
+        # (a body loaded into ZeRO-3 partitions already has the config's dtype)
+        if not is_partitioned(self.student_body):
+            self.student_body.to(dtype)
         if self.has_teacher and not is_partitioned(self.teacher_body):
-            # (a teacher loaded into ZeRO-3 partitions already has the config's dtype)
             self.teacher_body.to(dtype)
         optimizer = None
         if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)
