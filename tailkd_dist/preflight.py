@@ -45,10 +45,11 @@ per element (fp32 weight, gradient, two moments), the teacher's 4. The fused los
 (10 d + 4 d_ffn) x b per token and layer for the student (d x b per token and layer plus one
 block with activation checkpointing), one block's worth for the teacher (no_grad), plus the
 attention matrices with eager attention. Every rank also loads the student in fp32 on the host
-before the engines shard it, and the teacher likewise, or (DeepSpeed, ``engine.zero_init``,
-a teacher directory) only its ZeRO-3 partition b P / W plus one checkpoint file at a time
-(``train.load_models``; a student directory under a ZeRO-3 student engine likewise): on GPUs that is host RAM, on CPU it adds to the same memory. Treat
-the result as an estimate (+- 20 %); the verdict leaves 10 % headroom.
+before the engines shard it, and the teacher likewise; a model read from a directory into
+ZeRO-3 partitions (DeepSpeed, ``engine.zero_init``, ``train.load_models``) costs the host one
+checkpoint file at a time on GPUs, and about a whole fp32 copy on CPU (measured). On GPUs
+that is host RAM, on CPU it adds to the same memory. Treat the result as an estimate
+(+- 20 %); the verdict leaves 10 % headroom.
 """
 from __future__ import annotations
 
@@ -378,31 +379,34 @@ def estimate_components(teacher: ModelStats | None, student: ModelStats, vocab: 
     c["runtime (CUDA context, buffers)" if on_gpu else "runtime (python, torch, libraries)"] = \
         RUNTIME_GPU if on_gpu else RUNTIME_CPU
     if not on_gpu:  # loading happens in the same memory
-        c.update(loading_components(teacher, student, lay))
+        c.update(loading_components(teacher, student, lay, on_gpu=False))
     return c
 
 
-def loading_components(teacher: ModelStats | None, student: ModelStats, lay: _Layout) -> dict[str, float]:
-    """Host bytes per rank while the models load, before the engines shard them."""
-    if lay.student_partitioned_load is not None:
-        c = {"student: its ZeRO-3 partition + one checkpoint file while loading":
-             lay.dtype_bytes * student.total_params / lay.world + lay.student_partitioned_load}
-    else:
-        c = {"student: fp32 copy while loading": 4 * student.total_params}
-    if teacher is None:
-        return c
-    if lay.teacher_partitioned_load is not None:
-        c["teacher: its ZeRO-3 partition + one checkpoint file while loading"] = (
-            lay.dtype_bytes * teacher.total_params / lay.world + lay.teacher_partitioned_load)
-    else:
-        c["teacher: fp32 copy while loading"] = 4 * teacher.total_params
+def loading_components(teacher: ModelStats | None, student: ModelStats, lay: _Layout, *,
+                       on_gpu: bool) -> dict[str, float]:
+    """Host bytes per rank while the models load, before the engines shard them. A model read
+    into ZeRO-3 partitions costs the host one checkpoint file on GPUs (the partitions are in
+    device memory); on CPU the loader's transient memory makes it about a whole fp32 load
+    (measured by tools/bench_load.py, BENCHMARKS.md)."""
+    c = {}
+    for role, stats, partitioned in (("student", student, lay.student_partitioned_load),
+                                     ("teacher", teacher, lay.teacher_partitioned_load)):
+        if stats is None:
+            continue
+        if partitioned is None:
+            c[f"{role}: fp32 copy while loading"] = 4 * stats.total_params
+        elif on_gpu:
+            c[f"{role}: one checkpoint file on the host while loading into ZeRO-3 partitions"] = partitioned
+        else:
+            c[f"{role}: loading into ZeRO-3 partitions on CPU (about a whole fp32 copy)"] = 4 * stats.total_params
     return c
 
 
 def _loading_words(lay: _Layout) -> str:
     words = {None: "a fp32 copy"}
     return " + ".join(
-        f"{role}: {words.get(load, 'its ZeRO-3 partition and one checkpoint file')}"
+        f"{role}: {words.get(load, 'one checkpoint file')}"
         for role, load in (("student", lay.student_partitioned_load), ("teacher", lay.teacher_partitioned_load)))
 
 
@@ -701,7 +705,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         mem = MemoryEstimate(components=comps, per_rank=sum(comps.values()), ranks_sharing=sharing,
                              capacity=capacity, capacity_source=source, device=device, layout=lay.describe())
         if on_gpu:
-            mem.host_per_node = per_node * sum(loading_components(teacher, stats["student"], lay).values())
+            mem.host_per_node = per_node * sum(loading_components(teacher, stats["student"], lay, on_gpu=True).values())
             if host_memory_gib is not None:
                 mem.host_capacity = host_memory_gib * GIB
             elif torch.cuda.is_available():
