@@ -138,7 +138,7 @@ class EngineConfig:
     """DeepSpeed JSON for the student ("auto" values are filled from this config)."""
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
     """DeepSpeed JSON for the frozen teacher (ZeRO-3, no optimizer)."""
-    zero_init: bool = True
+    sharded_load: bool = True
     """deepspeed: load a model given by ``path`` straight into its ZeRO-3 partitions
     (transformers' HfDeepSpeedConfig + deepspeed.zero.Init), so no rank ever holds all of it
     (a 70B teacher is 140 GB in bf16): always the teacher (its engine is ZeRO-3), the student

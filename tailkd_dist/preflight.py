@@ -46,7 +46,7 @@ per element (fp32 weight, gradient, two moments), the teacher's 4. The fused los
 block with activation checkpointing), one block's worth for the teacher (no_grad), plus the
 attention matrices with eager attention. Every rank also loads the student in fp32 on the host
 before the engines shard it, and the teacher likewise; a model read from a directory into
-ZeRO-3 partitions (DeepSpeed, ``engine.zero_init``, ``train.load_models``) costs the host one
+ZeRO-3 partitions (DeepSpeed, ``engine.sharded_load``, ``train.load_models``) costs the host one
 checkpoint file at a time on GPUs, and about a whole fp32 copy on CPU (measured). On GPUs
 that is host RAM, on CPU it adds to the same memory. Treat the result as an estimate
 (+- 20 %); the verdict leaves 10 % headroom.
@@ -303,7 +303,7 @@ class _Layout:
     eager_attention: bool
     buckets: dict
     hidden_term: bool = False  # loss.hidden_weight > 0: per-layer projections + teacher layer states
-    # The teacher is read straight into ZeRO-3 partitions (engine.zero_init with a
+    # The teacher is read straight into ZeRO-3 partitions (engine.sharded_load with a
     # teacher directory): bytes of its largest checkpoint file, which a rank holds at once.
     teacher_partitioned_load: int | None = None
     student_partitioned_load: int | None = None  # likewise the student (ZeRO-3 student engine)
@@ -690,11 +690,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                       hidden_term=float(getattr(cfg.loss, "hidden_weight", 0.0) or 0.0) > 0,
                       teacher_partitioned_load=(
                           _largest_checkpoint_file(cfg.models.teacher.path)
-                          if cfg.engine.kind == "deepspeed" and cfg.engine.zero_init
+                          if cfg.engine.kind == "deepspeed" and cfg.engine.sharded_load
                           and cfg.models.teacher.path is not None else None),
                       student_partitioned_load=(
                           _largest_checkpoint_file(cfg.models.student.path)
-                          if cfg.engine.kind == "deepspeed" and cfg.engine.zero_init and stage == 3
+                          if cfg.engine.kind == "deepspeed" and cfg.engine.sharded_load and stage == 3
                           and cfg.models.student.path is not None else None))
         if seq_len is None:
             r.warnings.append("memory: the shards' row length is unknown; activations estimated for 2048 tokens")
@@ -737,7 +737,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                             f"({per_node} ranks x {_loading_words(lay)}) but the node has "
                             f"{mem.host_capacity / GIB:.0f} GiB: fewer ranks per node or smaller models"
                             + ("" if lay.teacher_partitioned_load is not None or lay.engine != "deepspeed" else
-                               ", or give the teacher as a directory with engine.zero_init: true"))
+                               ", or give the teacher as a directory with engine.sharded_load: true"))
         (r.warnings if mode == "warn" else r.problems).extend(findings)
     return r
 

@@ -71,7 +71,7 @@ def make_adapter(cfg, topo, teacher, student, vocab, dtype):
 
 
 def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
-    """(teacher or None, student): each whole on every rank, or (DeepSpeed, ``engine.zero_init``,
+    """(teacher or None, student): each whole on every rank, or (DeepSpeed, ``engine.sharded_load``,
     a directory) straight into its ZeRO-3 partitions, so no rank ever holds all of it."""
     t_zero3 = s_zero3 = None
     if cfg.engine.kind == "deepspeed":

@@ -139,9 +139,9 @@ def test_preflight_70b_teacher_is_too_big_for_a_small_device(data, tmp_path, cap
     assert any("TOO BIG" in e for e in errors)
 
 
-def test_preflight_host_ram_of_a_70b_teacher_directory_with_and_without_zero_init(data, tmp_path):
+def test_preflight_host_ram_of_a_70b_teacher_directory_with_and_without_sharded_load(data, tmp_path):
     """A 70B teacher given as a directory (its config and a sparse 5 GB checkpoint file: no
-    disk, no weights): with engine.zero_init each of 8 GPU ranks on a node reads one
+    disk, no weights): with engine.sharded_load each of 8 GPU ranks on a node reads one
     checkpoint file on the host, without it each loads the whole teacher in fp32 (282 GB),
     which no 1 TiB node can hold 8 times."""
     import os
@@ -158,18 +158,18 @@ def test_preflight_host_ram_of_a_70b_teacher_directory_with_and_without_zero_ini
     for zi in (True, False):
         cfg = write_config(tmp_path / f"zi{zi}.yaml", data, tmp_path / "run",
                            models__teacher=teacher, models__student={"config": LLAMA_8B},
-                           engine__ds_config=str(REPO / "ds_configs/zero3.json"), engine__zero_init=zi,
+                           engine__ds_config=str(REPO / "ds_configs/zero3.json"), engine__sharded_load=zi,
                            loss__loss_group_size=8, data__micro_batch_size=1)
         reports[zi] = _preflight(cfg, 8, gpus_per_node=8, device_memory_gib=80, host_memory_gib=1024)
     gib = 2**30
     student_fp32 = 4 * 8.03e9
-    # zero_init: 8 x (the student's fp32 copy + one 5 GiB teacher file)
+    # sharded_load: 8 x (the student's fp32 copy + one 5 GiB teacher file)
     assert abs(reports[True].memory.host_per_node - 8 * (student_fp32 + 5 * gib)) < 0.01 * 8 * student_fp32
     assert reports[True].ok, reports[True].problems
     # whole: 8 x (student + teacher in fp32) > 1 TiB, and the fix is named
     assert reports[False].memory.host_per_node > 8 * 4 * 70e9
     (line,) = [p for p in reports[False].problems if "host RAM per node" in p]
-    assert "engine.zero_init: true" in line, line
+    assert "engine.sharded_load: true" in line, line
     assert os.path.getsize(tdir / "model-00001-of-00030.safetensors") == 5 * gib
 
 

@@ -70,7 +70,7 @@ def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
 
 
 def test_model_directories_load_into_zero3_partitions(data, tmp_path):
-    """engine.zero_init: teacher and student read from directories go straight into their
+    """engine.sharded_load: teacher and student read from directories go straight into their
     ZeRO-3 partitions (each of 2 ranks holds about half of each model's parameters, never
     all of them; the student because its engine is ZeRO-3) and the run's losses equal those
     of the same models loaded whole in one process."""
@@ -88,7 +88,7 @@ def test_model_directories_load_into_zero3_partitions(data, tmp_path):
         specs[role] = {"path": str(tmp_path / role), "tokenizer": str(data / "tokenizer")}
     common = dict(models__teacher=specs["teacher"], models__student=specs["student"], optim__max_steps=2)
     whole = write_config(tmp_path / "whole.yaml", data, tmp_path / "whole", optim__grad_accum=2,
-                         engine__zero_init=False, **common)
+                         engine__sharded_load=False, **common)
     out = run(whole)
     assert "ZeRO-3 partitions" not in out.stderr
     ref = losses(tmp_path / "whole")

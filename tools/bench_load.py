@@ -1,5 +1,5 @@
 """Benchmark: host memory per rank while a model directory loads, whole vs straight into ZeRO-3
-partitions (``engine.zero_init``, ``tailkd_dist.models.build_model(..., zero3_config=...)``).
+partitions (``engine.sharded_load``, ``tailkd_dist.models.build_model(..., zero3_config=...)``).
 
     python tools/bench_load.py                      # a 160M-parameter Llama, 2 ranks
     python tools/bench_load.py --layers 4 --hidden 512
@@ -76,7 +76,7 @@ def worker(model_dir: str, mode: str) -> None:
 
     ensure_torch_distributed()
     world = dist.get_world_size()
-    zero3, dtype = None, torch.float32  # "whole": what train.py does without zero_init
+    zero3, dtype = None, torch.float32  # "whole": what train.py does without engine.sharded_load
     if mode.startswith("zero_init"):
         bf16 = mode.endswith("bf16")
         dtype = torch.bfloat16 if bf16 else torch.float32

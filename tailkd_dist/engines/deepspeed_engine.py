@@ -100,9 +100,9 @@ def teacher_ds_config(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
 
 def zero3_load_configs(cfg, *, world_size: int, dtype: torch.dtype) -> tuple[dict | None, dict | None]:
     """(teacher, student): the DeepSpeed config to load each model into its ZeRO-3 partitions
-    with, or None to load it whole (``engine.zero_init``; only models read from a directory,
+    with, or None to load it whole (``engine.sharded_load``; only models read from a directory,
     the student only when its engine is ZeRO-3)."""
-    if cfg.engine.kind != "deepspeed" or not cfg.engine.zero_init:
+    if cfg.engine.kind != "deepspeed" or not cfg.engine.sharded_load:
         return None, None
     teacher = student = None
     if cfg.models.teacher.path is not None:
