@@ -139,12 +139,13 @@ class EngineConfig:
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
     """DeepSpeed JSON for the frozen teacher (ZeRO-3, no optimizer)."""
     sharded_load: bool = True
-    """deepspeed: load a model given by ``path`` straight into its ZeRO-3 partitions
-    (transformers' HfDeepSpeedConfig + deepspeed.zero.Init), so no rank ever holds all of it
-    (a 70B teacher is 140 GB in bf16): always the teacher (its engine is ZeRO-3), the student
-    when ``ds_config`` is ZeRO stage 3. False: every rank loads each model whole in host RAM
-    first, then the engine partitions it. Models built from a config (random weights, tests)
-    are always built whole."""
+    """Load a model given by ``path`` without a whole copy on every rank (a 70B teacher is
+    140 GB in bf16). deepspeed: straight into its ZeRO-3 partitions (transformers'
+    HfDeepSpeedConfig + deepspeed.zero.Init): always the teacher (its engine is ZeRO-3), the
+    student when ``ds_config`` is ZeRO stage 3. fsdp2: rank 0 reads the files; the other ranks
+    build the model on the meta device and receive their shards from rank 0. False: every
+    rank loads each model whole in host RAM first, then the engine shards it. Models built
+    from a config (random weights, tests) are always built whole."""
     dist_timeout_s: float = 600.0
     """Collective timeout: a dead rank makes the others fail within this many seconds."""
     activation_checkpointing: bool = False

@@ -30,15 +30,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-def build_model(spec: ModelSpec, *, dtype: torch.dtype, attention: str, zero3_config: dict | None = None):
+def build_model(spec: ModelSpec, *, dtype: torch.dtype, attention: str, zero3_config: dict | None = None,
+                meta: bool = False):
     """An HF causal LM from a local directory, or with random weights from a config dict.
 
     ``zero3_config`` (a DeepSpeed ZeRO-3 config; directories only): load straight into ZeRO-3
     partitions. transformers then builds the model under ``deepspeed.zero.Init`` and copies
     each checkpoint tensor into its partitions as it reads the shards, so a rank holds its
-    1/world of the parameters plus one shard file, never the whole model."""
+    1/world of the parameters plus one shard file, never the whole model.
+
+    ``meta`` (directories only): the model's structure on the meta device, no weights read
+    (FSDP2's sharded load: rank 0 reads the files and sends each rank its shards)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if spec.path is not None and meta:
+        config = AutoConfig.from_pretrained(spec.path, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if spec.path is not None:
         if zero3_config is None:
             return AutoModelForCausalLM.from_pretrained(

@@ -47,7 +47,9 @@ block with activation checkpointing), one block's worth for the teacher (no_grad
 attention matrices with eager attention. Every rank also loads the student in fp32 on the host
 before the engines shard it, and the teacher likewise; a model read from a directory into
 ZeRO-3 partitions (DeepSpeed, ``engine.sharded_load``, ``train.load_models``) costs the host one
-checkpoint file at a time on GPUs, and about a whole fp32 copy on CPU (measured). On GPUs
+checkpoint file at a time on GPUs, and about a whole fp32 copy on CPU (measured); under FSDP2
+(``engine.sharded_load``) only rank 0 reads a model directory (the host estimate counts it once
+per node; the CPU one, conservatively, on every rank). On GPUs
 that is host RAM, on CPU it adds to the same memory. Treat the result as an estimate
 (+- 20 %); the verdict leaves 10 % headroom.
 """
@@ -706,6 +708,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                              capacity=capacity, capacity_source=source, device=device, layout=lay.describe())
         if on_gpu:
             mem.host_per_node = per_node * sum(loading_components(teacher, stats["student"], lay, on_gpu=True).values())
+            if cfg.engine.kind == "fsdp2" and cfg.engine.sharded_load and world_size > 1:
+                # FSDP2's sharded load: rank 0 alone reads a model directory, whole, in fp32.
+                for role, st in (("teacher", teacher), ("student", stats["student"])):
+                    if st is not None and getattr(cfg.models, role).path is not None:
+                        mem.host_per_node -= (per_node - 1) * 4 * st.total_params
             if host_memory_gib is not None:
                 mem.host_capacity = host_memory_gib * GIB
             elif torch.cuda.is_available():

@@ -71,20 +71,29 @@ def make_adapter(cfg, topo, teacher, student, vocab, dtype):
 
 
 def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
-    """(teacher or None, student): each whole on every rank, or (DeepSpeed, ``engine.sharded_load``,
-    a directory) straight into its ZeRO-3 partitions, so no rank ever holds all of it."""
+    """(teacher or None, student), each whole on every rank, or (``engine.sharded_load``, a
+    directory) without a whole copy on every rank: DeepSpeed reads it straight into ZeRO-3
+    partitions; FSDP2 has rank 0 read it while the other ranks build it on the meta device
+    and receive their shards from rank 0 when the engine shards it."""
     t_zero3 = s_zero3 = None
     if cfg.engine.kind == "deepspeed":
         from tailkd_dist.engines.deepspeed_engine import zero3_load_configs
 
         t_zero3, s_zero3 = zero3_load_configs(cfg, world_size=topo.world_size, dtype=dtype)
+    from tailkd_dist.engines.fsdp2_engine import loads_from_rank0
+
     models = {}
     for role, spec, zero3 in (("teacher", cfg.models.teacher, t_zero3), ("student", cfg.models.student, s_zero3)):
         if role == "teacher" and spec.path is None and spec.config is None:
             models[role] = None  # CE-only training
             continue
         if zero3 is None:
-            models[role] = build_model(spec, dtype=torch.float32, attention=cfg.models.attention)
+            from_rank0 = loads_from_rank0(cfg, topo.world_size, role)
+            models[role] = build_model(spec, dtype=torch.float32, attention=cfg.models.attention,
+                                       meta=from_rank0 and topo.rank != 0)
+            if from_rank0 and topo.rank == 0:
+                log.info("%s %s read by rank 0 only: the other %d ranks built it on the meta device and "
+                         "receive their FSDP2 shards from rank 0", role, spec.path, topo.world_size - 1)
             continue
         model = models[role] = build_model(spec, dtype=dtype, attention=cfg.models.attention, zero3_config=zero3)
         mine = sum(p.ds_tensor.numel() for p in model.parameters())

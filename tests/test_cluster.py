@@ -171,6 +171,13 @@ def test_preflight_host_ram_of_a_70b_teacher_directory_with_and_without_sharded_
     (line,) = [p for p in reports[False].problems if "host RAM per node" in p]
     assert "engine.sharded_load: true" in line, line
     assert os.path.getsize(tdir / "model-00001-of-00030.safetensors") == 5 * gib
+    # FSDP2's sharded load: rank 0 alone reads the teacher directory (once per node, in fp32)
+    cfg = write_config(tmp_path / "fsdp2.yaml", data, tmp_path / "run", models__teacher=teacher,
+                       models__student={"config": LLAMA_8B}, engine__kind="fsdp2",
+                       loss__loss_group_size=8, data__micro_batch_size=1)
+    rep = _preflight(cfg, 8, gpus_per_node=8, device_memory_gib=80, host_memory_gib=1024)
+    teacher_fp32 = 4 * 70.55e9
+    assert abs(rep.memory.host_per_node - (8 * student_fp32 + teacher_fp32)) < 0.01 * teacher_fp32
 
 
 def test_preflight_flags_vocabulary_and_tokenizer_mismatches(data, tmp_path):

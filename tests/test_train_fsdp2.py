@@ -110,6 +110,31 @@ def test_losses_match_single_process_and_zero3(data, single, ref, tmp_path):
     _close(losses(tmp_path / "hsdp"), z3, REL, "fsdp2 HSDP + activation checkpointing vs deepspeed zero3")
 
 
+def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_path):
+    """engine.sharded_load under FSDP2: teacher and student given as directories are read by
+    rank 0 only; the other rank builds them on the meta device and receives its shards (and
+    the rotary buffers) from rank 0. Losses equal the one-process run on the same weights,
+    with FSDP over both ranks and as HSDP with activation checkpointing (a 2-D mesh, wrapped
+    blocks)."""
+    import torch
+
+    from tailkd_dist.config import ModelSpec
+    from tailkd_dist.models import build_model
+
+    specs = {}
+    for role, config, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
+        spec = ModelSpec(config={**config, "vocab_size": VOCAB}, init_seed=seed)
+        build_model(spec, dtype=torch.float32, attention="sdpa").save_pretrained(tmp_path / role)
+        specs[f"models__{role}"] = {"path": str(tmp_path / role), "tokenizer": str(data / "tokenizer")}
+    expected = losses(single)
+    for name, kw in (("fsdp", {}), ("hsdp_ac", dict(loss__loss_group_size=1, engine__activation_checkpointing=True))):
+        cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **specs, **kw)
+        out = run(cfg, launcher="torchrun", nproc=2)
+        for role in ("teacher", "student"):
+            assert f"{role} {tmp_path / role} read by rank 0 only" in out.stderr, (role, out.stderr[-3000:])
+        _close(losses(tmp_path / name), expected, REL, f"{name}: directories read by rank 0 only")
+
+
 @pytest.mark.slow
 def test_lm_head_is_never_all_gathered(ref):
     spy = ref.parent / "spy"

@@ -52,7 +52,13 @@ class EngineAdapter:
         # Rows of a padded student lm_head beyond the common vocabulary are not trained; the
         # export puts them back unchanged.
         with gathered(lm_head_of(student).weight):
-            self.student_extra_rows = lm_head_of(student).weight[vocab:].detach().cpu().clone()
+            extra = lm_head_of(student).weight[vocab:].detach()
+            if self.loads_from_rank0("student"):  # only rank 0 read the weights
+                extra = extra.to(self.device) if topo.rank == 0 else torch.empty(
+                    extra.shape, dtype=extra.dtype, device=self.device)
+                if extra.numel():
+                    dist.broadcast(extra, src=0)
+            self.student_extra_rows = extra.cpu().clone()
         self.student_scale = hidden_scale(student.config, role="student")
         self.teacher_scale = hidden_scale(teacher.config, role="teacher") if teacher is not None else 1.0
         self.student_config = student.config
@@ -65,6 +71,11 @@ class EngineAdapter:
             # Before the engine builds its optimizer, which takes only trainable parameters.
             student.get_input_embeddings().weight.requires_grad_(False)
         self._init_hidden_term(teacher=teacher, student=student)
+
+    def loads_from_rank0(self, role: str) -> bool:
+        """Did only rank 0 read this model's weights (the others built it on the meta device)?
+        An engine with such a sharded load (FSDP2) overrides this."""
+        return False
 
     def _init_hidden_term(self, *, teacher, student) -> None:
         """The hidden-state cosine term (tailkd_dist/hidden.py): which layers, and the learned

@@ -91,7 +91,7 @@ class VocabShardedHead(nn.Module):
     Never run forward: the fused loss reads :meth:`local_weight` / :meth:`local_bias`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, mesh, device: torch.device,
-                 trainable: bool, dtype: torch.dtype = torch.float32):
+                 trainable: bool, dtype: torch.dtype = torch.float32, from_rank0: bool = False):
         super().__init__()
         from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
@@ -101,6 +101,12 @@ class VocabShardedHead(nn.Module):
         self.grad_placements = tuple([Partial()] * (mesh.ndim - 1) + [Shard(0)])
 
         def shard(t):
+            if from_rank0:
+                # Only rank 0 read the files (sharded load): it scatters the rows. The other
+                # ranks pass an uninitialised stand-in of the same shape (never read).
+                full = torch.empty(t.shape, dtype=dtype, device=device) if t.is_meta else t.detach().to(device, dtype)
+                return nn.Parameter(distribute_tensor(full.contiguous(), mesh, self.placements, src_data_rank=0),
+                                    requires_grad=trainable)
             # Every rank holds the same full rows (same seed / same files): take the local chunk
             # without communication, exactly as fully_shard does for the body.
             dt = distribute_tensor(t.detach().to(device, dtype).contiguous(), mesh, self.placements,
@@ -181,8 +187,33 @@ def _ensure_process_group(device: torch.device) -> None:
                             world_size=1, **extra)
 
 
+def loads_from_rank0(cfg, world_size: int, role: str) -> bool:
+    """``engine.sharded_load`` under FSDP2: only rank 0 reads this model's files; the other
+    ranks build it on the meta device and receive their shards (``train.load_models``)."""
+    spec = getattr(cfg.models, role)
+    return cfg.engine.kind == "fsdp2" and cfg.engine.sharded_load and world_size > 1 and spec.path is not None
+
+
+def _fill_from_rank0(body: nn.Module, full_sd: dict | None, device: torch.device) -> None:
+    """After fully_shard: every rank's shards from rank 0's full state dict (``full_sd``; None
+    on the other ranks, whose body is still on the meta device), and every buffer, including
+    the non-persistent ones a state dict leaves out (rotary frequencies), from rank 0 too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if full_sd is None:
+        body.to_empty(device=device)
+    set_model_state_dict(body, full_sd or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in body.buffers():
+        if not isinstance(buf, DTensor):
+            dist.broadcast(buf, src=0)
+
+
 class FSDP2Adapter(EngineAdapter):
     name = "fsdp2"
+
+    def loads_from_rank0(self, role: str) -> bool:
+        return loads_from_rank0(self.cfg, self.topo.world_size, role)
 
     def __init__(self, *, cfg, topo, teacher, student, vocab, dtype):
         super().__init__(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab)
@@ -215,13 +246,16 @@ class FSDP2Adapter(EngineAdapter):
         # fully_shard never sees them: the bodies do not contain the lm_heads.
         # The student's head keeps fp32 master rows (like the body); the frozen teacher's is
         # stored in the compute dtype, as its body is.
-        self.student_lm_head = self._make_head(student, trainable=True, dtype=torch.float32)
+        self.student_lm_head = self._make_head(student, trainable=True, dtype=torch.float32, role="student")
         self.student_head = _LocalRows(self.student_lm_head, compute)
         self.teacher_lm_head = self.teacher_head = None
         if teacher is not None:  # None: CE-only training (loss.divergence none)
-            self.teacher_lm_head = self._make_head(teacher, trainable=False, dtype=compute)
+            self.teacher_lm_head = self._make_head(teacher, trainable=False, dtype=compute, role="teacher")
             self.teacher_head = _LocalRows(self.teacher_lm_head, compute)
 
+        # Sharded load: rank 0's full weights, taken before any wrapping or sharding.
+        rank0 = topo.rank == 0
+        s_full = self.student_body.state_dict() if rank0 and self.loads_from_rank0("student") else None
         blocks = _decoder_layers(self.student_body)
         if cfg.engine.activation_checkpointing:
             # Non-reentrant checkpointing around each block, and FSDP around the wrapper (as
@@ -237,14 +271,21 @@ class FSDP2Adapter(EngineAdapter):
         for _, _, block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
         fully_shard(self.student_body, mesh=self.mesh, mp_policy=mp)
+        if self.loads_from_rank0("student"):
+            _fill_from_rank0(self.student_body, s_full, self.device)
+            del s_full
         # Teacher: frozen, no master copy needed (stored in the compute dtype on GPUs), every
         # unit resharded right after its forward (the root too: there is no backward).
         if self.teacher_body is not None:
             self.teacher_body.requires_grad_(False)
             self.teacher_body.to(compute)
+            t_full = self.teacher_body.state_dict() if rank0 and self.loads_from_rank0("teacher") else None
             for _, _, block in _decoder_layers(self.teacher_body):
                 fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
             fully_shard(self.teacher_body, mesh=self.mesh, reshard_after_forward=True)
+            if self.loads_from_rank0("teacher"):
+                _fill_from_rank0(self.teacher_body, t_full, self.device)
+                del t_full
             self.teacher_body.eval()
 
         self.student = _Student(self.student_body, self.student_lm_head)
@@ -259,11 +300,12 @@ class FSDP2Adapter(EngineAdapter):
         self.has_teacher = teacher is not None
         self.student_head = self.teacher_head = self.head_opt = None
 
-    def _make_head(self, model, *, trainable: bool, dtype: torch.dtype) -> VocabShardedHead:
+    def _make_head(self, model, *, trainable: bool, dtype: torch.dtype, role: str) -> VocabShardedHead:
         head = lm_head_of(model)
         bias = getattr(head, "bias", None)
         return VocabShardedHead(head.weight[: self.vocab], None if bias is None else bias[: self.vocab],
-                                mesh=self.mesh, device=self.device, trainable=trainable, dtype=dtype)
+                                mesh=self.mesh, device=self.device, trainable=trainable, dtype=dtype,
+                                from_rank0=self.loads_from_rank0(role))
 
     # -- the step ---------------------------------------------------------------------------
     def train(self):
