@@ -10,3 +10,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Shards of the python-stdlib slice from the real prepare tool, made once per module."""
+    from trainer_utils import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
+
+
+@pytest.fixture
+def clean_shm():
+    """Remove the shared-memory files the `deepspeed` launcher leaves after a run."""
+    yield
+    from trainer_utils import cleanup_shm
+
+    cleanup_shm()

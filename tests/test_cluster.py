@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import REPO, env, free_port, losses, prepare_data, write_config
+from trainer_utils import REPO, env, free_port, losses, write_config
 
 SBIN = os.pathsep.join(["/usr/sbin", "/sbin", os.environ.get("PATH", "")])
 SLURM_BINS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
@@ -39,11 +39,6 @@ HAVE_NETNS = (hasattr(os, "geteuid") and os.geteuid() == 0
               and all(shutil.which(b, path=SBIN) for b in ("ip", "unshare", "mount")))
 REL = 1e-5
 _REFERENCE: dict = {}  # single-host losses of the ZeRO-3 / loss-group-2 config, once computed
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
 
 
 def zero3_lg2(path: Path, data: Path, out: Path, **kw) -> Path:

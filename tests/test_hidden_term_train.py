@@ -9,18 +9,10 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import REPO, TEACHER, cleanup_shm, env, losses, prepare_data, run, write_config
+from trainer_utils import REPO, TEACHER, env, losses, run, write_config
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
-
-
-@pytest.fixture(autouse=True)
-def _shm():
-    yield
-    cleanup_shm()
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 @pytest.mark.slow

@@ -11,22 +11,13 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, cleanup_shm, command, env, kill_one_worker, losses, prepare_data, run,
-    wait_for_step, write_config,
+    REPO, STUDENT, TEACHER, command, env, kill_one_worker, losses, run, wait_for_step, write_config,
 )
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
-
-
-@pytest.fixture(autouse=True)
-def _shm():
-    yield
-    cleanup_shm()
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 def _close(a: dict, b: dict, rel: float, what: str):

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, cleanup_shm, command, env, free_port, kill_one_worker, losses, prepare_data,
-    run, wait_for_step,
+    REPO, STUDENT, TEACHER, cleanup_shm, command, env, free_port, kill_one_worker, losses, run,
+    wait_for_step,
 )
 from trainer_utils import write_config as _write_config
 
@@ -50,11 +50,6 @@ def _close(a: dict, b: dict, rel: float, what: str):
     assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
     for s in a:
         assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
 
 
 @pytest.fixture(scope="module")
