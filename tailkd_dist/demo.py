@@ -587,7 +587,9 @@ def main(argv=None) -> int:
     try:
         return _main(args, t_start)
     except ValueError as e:
-        print(f"tailkd-demo: error: {e}", file=sys.stderr, flush=True)
+        # one write: ranks share the pipe, and print's two writes interleave
+        sys.stderr.write(f"tailkd-demo: error: {e}\n")
+        sys.stderr.flush()
         return 2
 
 

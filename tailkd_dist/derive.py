@@ -358,10 +358,8 @@ def _check_paths(config: DeriveConfig):
     if not (teacher / "config.json").is_file():
         raise ValueError(f"teacher directory {teacher} has no config.json: pass a directory "
                          "written by `save_pretrained`.")
-    out = Path(config.output)
-    if out.resolve() == teacher.resolve():
-        raise ValueError(f"the output {out} is the teacher directory: choose another --output.")
-    return teacher, check_replaceable(out, overwrite=config.overwrite, marker=DERIVATION, producer=PROG)
+    return teacher, check_replaceable(Path(config.output), overwrite=config.overwrite, marker=DERIVATION,
+                                      producer=PROG, keep_apart=[("the teacher directory", teacher)])
 
 
 def _load_teacher_config(teacher: Path):

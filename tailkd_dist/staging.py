@@ -7,33 +7,79 @@ is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 
-def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str) -> Path:
+def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str,
+                      keep_apart: list[tuple[str, str | os.PathLike]] = (),
+                      option: str = "--output") -> Path:
     """ValueError unless ``out`` may be written: absent, empty, or (with ``overwrite``) an
     earlier output of ``producer``, recognised by its ``marker`` file. Never deletes a
-    directory some other tool or person made."""
+    directory some other tool or person made. ``keep_apart`` names the command's inputs
+    (``[("the run directory", path)]``): ``out`` may neither be one of them, nor contain one,
+    nor lie inside one, since replacing it would delete (or its staging would nest in) what
+    the command reads."""
     out = Path(out)
+    resolved = Path(os.path.realpath(out))
+    for what, path in keep_apart:
+        other = Path(os.path.realpath(path))
+        if resolved == other or other.is_relative_to(resolved) or resolved.is_relative_to(other):
+            relation = ("is" if resolved == other else "contains" if other.is_relative_to(resolved)
+                        else "lies inside")
+            raise ValueError(f"{option} {out} {relation} {what} {path}: refusing to write there. "
+                             f"Choose a {option} outside it.")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory: choose another --output.")
+        raise ValueError(f"{option} {out} exists and is not a directory: choose another {option}.")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"output directory {out} is not empty: pass --overwrite to replace "
-                             "it, or choose another --output.")
+            raise ValueError(f"{option} directory {out} is not empty: pass --overwrite to replace "
+                             f"it, or choose another {option}.")
         if not (out / marker).is_file():
-            raise ValueError(f"--overwrite: {out} is not an output of {producer} (no {marker}); "
-                             "refusing to delete it. Choose another --output.")
+            raise ValueError(f"{option} {out} is not an output of {producer} (no {marker}); "
+                             f"refusing to replace it. Choose another {option}.")
     return out
+
+
+def no_space(e: BaseException, path: str | os.PathLike) -> bool:
+    """Whether a failed write into ``path`` ran out of space: the errno, the message of a
+    library that wraps it (safetensors), or, for writers that report only a short write
+    (torch's zip writer: "unexpected pos"), a file system left with under 1 MiB free. Ask
+    before the partial output is removed, which frees the space again."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in str(e):
+        return True
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return free < 1 << 20
+
+
+def describe_write_error(e: BaseException, where: str | os.PathLike | None = None) -> str:
+    """One line for a failed write: disk full first (whatever library reported it, judged at
+    ``where`` while the partial output still exists), else the OS's reason and the file."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or where is not None and no_space(e, where):
+        return f"no space left on device ({getattr(e, 'filename', None) or where})"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e} ({e.filename})" if e.filename else str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def disk_full_error(path: str | os.PathLike) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 @contextlib.contextmanager
 def staged_dir(out: Path):
     """``with staged_dir(out) as staging:`` fill ``staging``; on success it becomes ``out``
-    (replacing an existing ``out``), on any error it is removed and ``out`` is untouched."""
+    (replacing an existing ``out``), on any error it is removed and ``out`` is untouched. A
+    write that ran out of space surfaces as OSError(ENOSPC) whatever library made it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -49,6 +95,12 @@ def staged_dir(out: Path):
             shutil.rmtree(old)
         else:
             staging.rename(out)
+    except Exception as e:
+        full = not (isinstance(e, OSError) and e.errno == errno.ENOSPC) and no_space(e, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise disk_full_error(out) from e
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

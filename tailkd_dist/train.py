@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from tailkd_dist import checkpoint
-from tailkd_dist.config import TrainConfig, dump_yaml, load_config, resolve_loss_group
+from tailkd_dist.config import TrainConfig, load_config, resolve_loss_group
 from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
@@ -137,12 +137,38 @@ def preflight(cfg: TrainConfig) -> None:
     from tailkd_dist.parallel.topology import DistEnv as _Env
     from tailkd_dist.preflight import run_preflight
 
+    checkpoint.check_output_dir(cfg)
     env = _Env.from_environ()
     report = run_preflight(cfg, world_size=env.world_size, local_world_size=env.local_world_size)
     for w in report.warnings:
         log.warning("preflight: %s", w)
     if not report.ok:
         raise ValueError("preflight: " + "; ".join(report.problems))
+
+
+def find_resume(cfg: TrainConfig, topo) -> tuple[str | None, dict | None]:
+    """(tag, trainer state) of the checkpoint to resume, or (None, None) for a fresh run;
+    refuses one written by another configuration or world size. Every rank reads the same
+    files, so every rank decides alike."""
+    ckpt_root = checkpoint.root(cfg.output_dir)
+    if topo.rank == 0:
+        checkpoint.recover(ckpt_root)
+    _barrier(topo)
+    tag = state = None
+    if cfg.checkpoint.resume:
+        tag, note = checkpoint.resolve_latest(ckpt_root)
+        if note and topo.rank == 0:
+            log.warning("%s", note)
+    if tag is not None:
+        path = os.path.join(ckpt_root, tag)
+        state = checkpoint.read_json(os.path.join(path, "trainer_state.json"))
+        checkpoint.check_resume(cfg, ckpt_path=path, state=state, world_size=topo.world_size)
+    return tag, state
+
+
+def _barrier(topo) -> None:
+    if topo.world_size > 1:
+        torch.distributed.barrier(group=topo.group("world"))
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -152,10 +178,17 @@ def train(cfg: TrainConfig) -> dict:
 
     liveness.start(topo, timeout_s=cfg.engine.dist_timeout_s)  # before engines make their groups
     rank0 = topo.rank == 0
+    tag, resumed = find_resume(cfg, topo)
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.models.dtype)
     # Preflight: everything cheap that can be wrong, before any engine is built.
     teacher, student = load_models(cfg, topo, dtype)
+    shapes = checkpoint.model_shapes(teacher=teacher, student=student)
+    if resumed is not None:
+        checkpoint.check_model_shapes(resumed, shapes, tag=tag)
+    _barrier(topo)  # every rank has read the run directory before rank 0 writes to it
+    if rank0:
+        checkpoint.start_run_dir(cfg, fresh=tag is None)
     has_teacher = teacher is not None
     plan = plan_vocab(teacher if has_teacher else student, student,
                       teacher_spec=cfg.models.teacher if has_teacher else cfg.models.student,
@@ -167,19 +200,14 @@ def train(cfg: TrainConfig) -> dict:
 
     adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)
     del teacher, student
-    start_step, tokens_seen = 0, 0
-    tag = checkpoint.latest_tag(cfg) if cfg.checkpoint.resume else None
+    start_step, tokens_seen, run_id = 0, 0, checkpoint.new_run_id()
     if tag is not None:
         state = checkpoint.load(adapter, cfg, tag)
         start_step, tokens_seen = state["step"], state["tokens"]
+        run_id = state.get("run_id") or run_id  # a checkpoint of an older version: adopted
         train_loader.load_state_dict(state["loader"])
         if rank0:
             log.info("resumed from %s (step %d)", tag, start_step)
-    if rank0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        dump_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        if tag is None and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
-            os.remove(os.path.join(cfg.output_dir, "metrics.jsonl"))  # a fresh run
     tb = TensorBoard(os.path.join(cfg.output_dir, "tb") if rank0 and cfg.logging.tensorboard else None)
     stop = _Stop()
     bar = None
@@ -193,6 +221,7 @@ def train(cfg: TrainConfig) -> dict:
             "step": step, "tokens": tokens_seen, "loader": train_loader.state_dict(),
             "loss_group_size": topo.loss_size, "world_size": topo.world_size,
             "body_prefix": adapter.body_prefix, "tokenizer_dir": tok, "vocab_note": plan.note,
+            "run_id": run_id, "model_shapes": shapes,
         }
         return checkpoint.save(adapter, cfg, step=step, trainer_state=trainer_state)
 
@@ -248,7 +277,8 @@ def train(cfg: TrainConfig) -> dict:
     if bar:
         bar.close()
     if stopped_by is None:
-        save(step)
+        if step > start_step or tag is None:  # a finished run started again has nothing new to save
+            save(step)
         if eval_cfg is not None:
             last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
             tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
@@ -280,7 +310,16 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         train(cfg)
     except (ValueError, FloatingPointError) as e:
-        print(f"tailkd-train: error: {e}", file=sys.stderr, flush=True)
+        # one write: ranks share the pipe, and print's two writes interleave
+        sys.stderr.write(f"tailkd-train: error: {e}\n")
+        sys.stderr.flush()
+        return 2
+    except OSError as e:  # disk full, permissions: the file and the reason, not a traceback
+        from tailkd_dist.staging import describe_write_error
+
+        # one write: ranks share the pipe, and print's two writes interleave
+        sys.stderr.write(f"tailkd-train: error: {describe_write_error(e)}\n")
+        sys.stderr.flush()
         return 2
     except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for
         from tailkd_dist.parallel import liveness

@@ -139,7 +139,7 @@ def test_kill_during_checkpoint_save_resumes_previous(data, tmp_path):
     e = env()
     e["TAILKD_TEST_SAVE_DELAY_S"] = "60"
     proc = subprocess.Popen(command(cfg), env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = out_dir / "checkpoints/step_00000004"
+    partial = out_dir / "checkpoints/step_00000004.partial"  # renamed to step_00000004 once COMPLETE
     t0 = time.time()
     while not (partial / "extra_rank0.pt").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -147,12 +147,13 @@ def test_kill_during_checkpoint_save_resumes_previous(data, tmp_path):
         time.sleep(0.2)
     proc.kill()  # SIGKILL in the middle of the save
     proc.wait()
-    assert not (partial / "COMPLETE").exists()
+    assert not (partial / "COMPLETE").exists() and not (out_dir / "checkpoints/step_00000004").exists()
     assert (out_dir / "checkpoints/latest").read_text().strip() == "step_00000002"
     out = run(cfg)
     assert "resumed from step_00000002" in out.stderr + out.stdout
     assert (out_dir / "checkpoints/latest").read_text().strip() == "step_00000006"
     assert (out_dir / "checkpoints/step_00000004/COMPLETE").exists()  # re-saved, complete this time
+    assert not partial.exists()  # the killed save's leftovers are gone
 
 
 @pytest.mark.slow

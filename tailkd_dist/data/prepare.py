@@ -217,8 +217,11 @@ def _check_config(config: PrepareConfig) -> Path:
     if (config.tokenizer is None) == (config.train_tokenizer is None):
         raise ValueError("pass exactly one of --tokenizer DIR (an HF tokenizer, e.g. the "
                          "teacher's) and --train-tokenizer VOCAB (train a byte-level BPE).")
+    # Inputs that are local files or directories must stay apart from the output (a replaced
+    # output would delete them); names of built-in corpora and globs are not paths.
+    inputs = [("the input", p) for p in config.inputs if os.path.exists(p)]
     return check_replaceable(config.output, overwrite=config.overwrite, marker=MANIFEST,
-                             producer="tailkd-prepare-data")
+                             producer="tailkd-prepare-data", keep_apart=inputs)
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:

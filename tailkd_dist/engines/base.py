@@ -274,9 +274,13 @@ class EngineAdapter:
 
 
 def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch, cuda) for a checkpoint."""
+    """This process's RNG states (python, numpy, torch, cuda) for a checkpoint, as tensors and
+    plain values only, so the checkpoint loads with ``weights_only`` (nothing is unpickled)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
@@ -284,7 +288,9 @@ def rng_state() -> dict:
 
 def set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    n = rng["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -190,4 +190,6 @@ def report(exc: BaseException, *, prog: str = "tailkd-train") -> None:
     except Exception as error:  # never hide the original exception
         line = f"(liveness diagnosis failed: {error})"
     if line:
-        print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+        # one write: ranks share the pipe, and print's two writes interleave
+        sys.stderr.write(f"{prog}: error: {line}\n")
+        sys.stderr.flush()
