@@ -25,6 +25,7 @@ outside :data:`MAY_CHANGE_ON_RESUME`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -300,12 +301,13 @@ def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
     staging = tag + PARTIAL
     where = os.path.join(r, staging)
     rank = adapter.topo.rank
-    previous, _ = resolve_latest(r) if rank == 0 else (None, None)
+    previous, _ = resolve_latest(r)
     failure = what = None
     try:
         if rank == 0:
             os.makedirs(r, exist_ok=True)
             shutil.rmtree(where, ignore_errors=True)  # a killed save of this step
+        _check_space(r, previous)
     except OSError as e:
         failure, what = e, describe_write_error(e)
     if _all_ok(failure, adapter):
@@ -329,11 +331,25 @@ def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
             shutil.rmtree(where, ignore_errors=True)
         if failure is not None and not isinstance(failure, OSError) and not what.startswith("no space"):
             raise failure  # not the disk: a defect, with its traceback
-        kept = f"the previous checkpoint {previous} is intact" if rank == 0 and previous else (
-            "no earlier checkpoint exists" if rank == 0 else "the previous checkpoint is intact")
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint {tag} in {r} was not saved: {what or 'another rank failed to write its part'}; "
                               f"{kept}")
     return tag
+
+
+def _check_space(r: str, previous: str | None) -> None:
+    """OSError(ENOSPC) when the file system of ``r`` (as this rank sees it) has less room than
+    the previous checkpoint took. Checked before the engine's save, whose collectives would
+    leave the ranks waiting on each other if one of them failed half-way through writing."""
+    if previous is None:
+        return
+    prev = os.path.join(r, previous)
+    need = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(prev) for f in files)
+    st = os.statvfs(r)
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < need:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                      f"{r}: {need / 2**20:.1f} MiB needed (the size of {previous}), {free / 2**20:.1f} MiB free")
 
 
 def _commit(r: str, tag: str, *, cfg: TrainConfig, trainer_state: dict) -> None:

@@ -408,6 +408,26 @@ def launch_worker(plan: dict, plan_path: Path, *, nproc: int, log_path: Path | N
         return proc.wait()
 
 
+OUT_MARKER = "tailkd_demo.json"
+"""Written into the demo's (and the reproduction study's) --out: only such a directory has its
+run subdirectories replaced by a later invocation."""
+
+
+def claim_out_dir(out: Path, *, prog: str) -> None:
+    """ValueError unless ``out`` is absent, empty or an earlier output of the demo or the study
+    (its marker; one made before the marker existed is recognised by its plan.json and runs/);
+    then mark it."""
+    from tailkd_dist.staging import check_replaceable
+
+    legacy = (out / "plan.json").is_file() and (out / "runs").is_dir() and not (out / OUT_MARKER).exists()
+    if not legacy:
+        check_replaceable(out, overwrite=True, marker=OUT_MARKER, producer="tailkd-demo or tools/reproduce.py",
+                          option="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / OUT_MARKER).exists():
+        (out / OUT_MARKER).write_text(json.dumps({"producer": prog}) + "\n")
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -599,6 +619,7 @@ def _main(args, t_start: float) -> int:
                          "installed with `pip install -e .` (the README's install line)")
     nproc = args.nproc or default_nproc()
     out = Path(args.out).resolve()
+    claim_out_dir(out, prog="tailkd-demo")  # before anything under it is replaced
     cache = Path(args.cache_dir).resolve() if args.cache_dir else default_cache_dir()
     overlay = load_overlay(args.overlay or (CONFIG_DIR / "demo_tiny.yaml" if args.tiny else None))
     prep = {**DEFAULT_PREPARE, **overlay.get("prepare", {})}

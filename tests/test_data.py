@@ -287,6 +287,33 @@ def test_overwrite_replaces_previous_output(bad_inputs):
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".o.")) == []
 
 
+def test_output_never_replaces_or_nests_in_an_input(bad_inputs):
+    """--overwrite replaces an earlier output only: never when an input lies inside it (the
+    replace would delete the input), nor an output inside an input directory."""
+    import hashlib
+
+    tmp, tok = bad_inputs
+    args = ["--tokenizer", tok, "--val-fraction", 0]
+    _prepare(tmp / "ok.jsonl", "-o", tmp / "prev", *args)
+    (tmp / "prev" / "mine.jsonl").write_text('{"text": "kept"}\n')
+
+    def digest(d: Path) -> dict:
+        return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in d.rglob("*") if f.is_file()}
+
+    before = digest(tmp / "prev")
+    (tmp / "corpus").mkdir()
+    (tmp / "corpus" / "a.jsonl").write_text('{"text": "hello"}\n')
+    for argv, message in (
+        ([tmp / "prev" / "mine.jsonl", "-o", tmp / "prev", "--overwrite"], "contains the input"),
+        ([tmp / "prev", "-o", tmp / "prev", "--overwrite"], "is the input"),
+        ([tmp / "corpus", "-o", tmp / "corpus" / "shards"], "lies inside the input"),
+    ):
+        code = prepare_main([*map(str, argv), *map(str, args), "--no-progress"])
+        assert code == 2, argv
+    assert digest(tmp / "prev") == before
+    assert sorted(p.name for p in (tmp / "corpus").iterdir()) == ["a.jsonl"]
+
+
 def test_prepare_script_exit_status(tmp_path):
     # The command-line wrapper: one clear message on stderr and a non-zero exit status.
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"),

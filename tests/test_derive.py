@@ -321,6 +321,30 @@ BAD = [
 ]
 
 
+def test_output_is_never_the_teacher_or_around_it(teachers, tmp_path, capsys):
+    """--overwrite replaces only an earlier derivation, and never one the teacher lies in."""
+    import hashlib
+    import shutil
+
+    def digest(d: Path) -> dict:
+        return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in d.rglob("*") if f.is_file()}
+
+    out = tmp_path / "derived"
+    _derive(teachers["llama"], out, *NARROW["llama"])
+    shutil.copytree(teachers["llama"], out / "teacher")
+    before = digest(out)
+    for teacher, args, message in (
+        (out / "teacher", ["-o", str(out), "--overwrite"], "contains the teacher directory"),
+        (teachers["llama"], ["-o", str(teachers["llama"]), "--overwrite"], "is the teacher directory"),
+        (teachers["llama"], ["-o", str(teachers["llama"] / "student")], "lies inside the teacher directory"),
+    ):
+        assert main([str(teacher), *args, *NARROW["llama"]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, err
+    assert digest(out) == before
+    assert not (teachers["llama"] / "student").exists()
+
+
 @pytest.mark.parametrize("case,teacher,args,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input(case, teacher, args, message, teachers, other_teachers, tmp_path, capsys):
     import re

@@ -312,29 +312,52 @@ def in_small_tmpfs(mount: Path, size_kib: int, script: str, cwd: Path) -> subpro
                           capture_output=True, text=True, timeout=600)
 
 
-def test_disk_full_during_a_checkpoint_save(data, tmp_path):
-    """The first checkpoint fits the 1.2 MiB file system, the second does not: one line naming
-    the device and the path, exit 2, the first checkpoint byte for byte as it was."""
+@pytest.mark.parametrize("nproc,size_kib", [(1, 1200), (2, 1600)])
+def test_disk_full_during_a_checkpoint_save(data, tmp_path, nproc, size_kib):
+    """The first checkpoint fits the small file system, the second does not: one line on every
+    rank naming the device and the path, a non-zero exit, the first checkpoint byte for byte
+    as it was, no partial checkpoint left."""
     mnt = tmp_path / "mnt"
     cfg = write_config(tmp_path / "c.yaml", data, mnt / "run", optim__max_steps=2, checkpoint__export_hf_at_end=False,
                        logging__tensorboard=False)
-    train = " ".join(command(cfg))
+    train = " ".join(command(cfg, launcher="python" if nproc == 1 else "torchrun", nproc=nproc))
     script = (f"{train} > {tmp_path}/1.out 2>&1; echo $? > {tmp_path}/1.rc; cp -a {mnt}/run {tmp_path}/before; "
               f"{train} optim.max_steps=4 > {tmp_path}/2.out 2> {tmp_path}/2.err; echo $? > {tmp_path}/2.rc; "
               f"cp -a {mnt}/run {tmp_path}/after")
-    res = in_small_tmpfs(mnt, 1200, script, REPO)
+    res = in_small_tmpfs(mnt, size_kib, script, REPO)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "1.rc").read_text().strip() == "0", (tmp_path / "1.out").read_text()[-3000:]
-    assert (tmp_path / "2.rc").read_text().strip() == "2", (tmp_path / "2.err").read_text()[-3000:]
     err = (tmp_path / "2.err").read_text()
-    assert "Traceback" not in err, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("tailkd-train: error:") and "no space left on device" in last, last
-    assert "step_00000004" in last and "step_00000002 is intact" in last, last
+    assert (tmp_path / "2.rc").read_text().strip() == ("2" if nproc == 1 else "1"), err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("tailkd-train: error:")]
+    assert len(lines) == nproc, err[-3000:]
+    for line in lines:
+        assert "checkpoint step_00000004" in line and "no space left on device" in line, line
+        assert "step_00000002 is intact" in line, line
+    if nproc == 1:
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == lines[0], err[-3000:]
     ck_before, ck_after = tmp_path / "before/checkpoints", tmp_path / "after/checkpoints"
     assert snapshot(ck_after / "step_00000002") == snapshot(ck_before / "step_00000002")
     assert (ck_after / "latest").read_text() == "step_00000002"
     assert sorted(p.name for p in ck_after.iterdir() if p.is_dir()) == ["step_00000002"]
+
+
+def test_disk_full_while_writing_the_first_checkpoint(data, tmp_path):
+    """No earlier checkpoint to size the save by: the write itself fails (torch reports only a
+    short write); still one line, and no partial checkpoint left."""
+    mnt = tmp_path / "mnt"
+    cfg = write_config(tmp_path / "c.yaml", data, mnt / "run", optim__max_steps=2, checkpoint__export_hf_at_end=False,
+                       logging__tensorboard=False)
+    script = (f"{' '.join(command(cfg))} > {tmp_path}/1.out 2> {tmp_path}/1.err; echo $? > {tmp_path}/1.rc; "
+              f"cp -a {mnt}/run {tmp_path}/after")
+    res = in_small_tmpfs(mnt, 500, script, REPO)
+    assert res.returncode == 0, res.stderr
+    err = (tmp_path / "1.err").read_text()
+    assert (tmp_path / "1.rc").read_text().strip() == "2" and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tailkd-train: error: checkpoint step_00000002") and "no space left on device" in last, last
+    assert "no earlier checkpoint exists" in last, last
+    assert not [p for p in (tmp_path / "after/checkpoints").iterdir() if p.is_dir()]
 
 
 def test_disk_full_during_an_export(run_copy, tmp_path):
@@ -381,3 +404,22 @@ def test_crafted_extra_file_is_not_unpickled(run_copy, tmp_path):
                    "refusing to unpickle")
     assert not ran.exists()
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the demo's outputs
+
+
+@pytest.mark.parametrize("prog", ["demo", "reproduce"])
+def test_demo_and_study_refuse_a_foreign_out_dir(tmp_path, prog):
+    mine = tmp_path / "mine"
+    (mine / "runs" / "tad").mkdir(parents=True)
+    (mine / "runs" / "tad" / "notes.txt").write_text("a user's file")
+    cmd = ([sys.executable, "-m", "tailkd_dist.demo", "--tiny", "--nproc", "1"] if prog == "demo"
+           else [sys.executable, "tools/reproduce.py", "--tiny", "--seeds", "1"])
+    out = subprocess.run([*cmd, "--out", str(mine), "--cache-dir", str(tmp_path / "cache")], env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "error:" in last and "not an output of tailkd-demo" in last and "--out" in last, last
+    assert snapshot(mine) == {"runs/tad/notes.txt": hashlib.sha256(b"a user's file").hexdigest()}
+    assert not (tmp_path / "cache").exists()  # refused before any work

@@ -723,7 +723,10 @@ def main(argv=None) -> int:
                         os.path.relpath(__file__, os.getcwd()) if not os.path.isabs(sys.argv[0]) else sys.argv[0],
                         *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            demo.claim_out_dir(out, prog="tools/reproduce.py")
+        except ValueError as e:
+            raise SystemExit(f"reproduce: error: {e}") from None
         seeds = list(range(1, args.seeds + 1))
         betas = [float(x) for x in args.betas.split(",") if x]
         ks = [int(x) for x in args.ks.split(",") if x]
