@@ -169,9 +169,14 @@ def check_output_dir(cfg: TrainConfig) -> None:
                              "checkpoint.resume=false would start a second run among them: choose a new "
                              "output_dir, or set checkpoint.resume=true to continue that run")
     if cfg.checkpoint.export_hf_at_end:
-        from tailkd_dist.export import check_export_target
+        from tailkd_dist.export import EXPORT_MARKER, check_export_target
 
-        check_export_target(os.path.join(out, "hf_student"), run_dir=None, option="the end-of-run export")
+        target = os.path.join(out, "hf_student")
+        try:
+            check_export_target(target, run_dir=None)
+        except ValueError:
+            raise ValueError(f"{target} (where the end-of-run export goes) is not an earlier export (no "
+                             f"{EXPORT_MARKER}): move it away, or set checkpoint.export_hf_at_end=false") from None
 
 
 def start_run_dir(cfg: TrainConfig, *, fresh: bool) -> None:

@@ -31,7 +31,7 @@ def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str,
             relation = ("is" if resolved == other else "contains" if other.is_relative_to(resolved)
                         else "lies inside")
             raise ValueError(f"{option} {out} {relation} {what} {path}: refusing to write there. "
-                             f"Choose a {option} outside it.")
+                             f"Choose another {option}, outside it.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} exists and is not a directory: choose another {option}.")
     if out.is_dir() and any(out.iterdir()):

@@ -127,7 +127,7 @@ def test_trainer_refuses_a_foreign_output_dir_and_end_export_target(data, tmp_pa
     (out / "tailkd_run.json").write_text("{}")
     (out / "hf_student" / "weights.bin").write_bytes(b"123")
     cfg = write_config(tmp_path / "d.yaml", data, out)
-    one_error_line(run(cfg, check=False, timeout=120), "tailkd-train", "end-of-run export", "hf_student")
+    one_error_line(run(cfg, check=False, timeout=120), "tailkd-train", "end-of-run export", "hf_student", "move it away")
     assert (out / "hf_student" / "weights.bin").read_bytes() == b"123"
 
 
