@@ -29,6 +29,7 @@ with 2048-token rows into ``.gpu/data``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -138,9 +139,9 @@ def environment(dev) -> dict:
            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     for name in ("deepspeed", "streaming", "huggingface_hub", "triton"):
         try:
-            if name == "streaming":
-                from tailkd_dist.data import streaming_compat  # noqa: F401  (see there why)
-            mod = __import__(name)
+            if name == "streaming":  # through the shim that keeps torchvision out (see there)
+                importlib.import_module("tailkd_dist.data.streaming_compat")
+            mod = importlib.import_module(name)
             env[name] = getattr(mod, "__version__", "?")
         except ImportError:
             env[name] = "missing"
