@@ -2,6 +2,7 @@
 
     python tools/bench_loss.py                 # N=2048, d=512, V in {32003, 128256}
     python tools/bench_loss.py --vocab 32003   # one vocabulary
+    python tools/bench_loss.py --passes --vocab 32003 --d 64   # element-wise passes per logit
 
 For each (V, divergence) it measures one forward+backward of
   (a) naive: full [N, V] logits by matmul, the dense loss (tailkd_dist.losses.dense) and
@@ -67,6 +68,80 @@ def one(args) -> dict:
     return {"seconds": min(times), "peak": peak}
 
 
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv", "addmv")
+
+
+def count_passes(fn, *, vocab: int, rows: int) -> dict:
+    """Element-wise passes per logit of one call of ``fn`` (forward + backward).
+
+    Method: a ``TorchDispatchMode`` sees every ATen operator that runs, forward and backward
+    (the autograd engine carries the mode into backward), with its inputs AND outputs
+    (``torch.profiler`` records only input shapes). For every operator that is not a matmul
+    and not a view (views move no data), the elements of its logit-sized tensors are added
+    up: tensors of two or more dimensions whose last size is ``vocab`` (pick a vocabulary
+    size no other dimension has, e.g. 32003). An in-place operator's tensor counts as input
+    and as output (it is read and written). The sum divided by rows * vocab is the number of
+    passes over the logits. A compiled or custom kernel would count its logit-sized inputs and
+    outputs once each, which is what this counts for any single operator."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.by_op = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in MATMULS and not func.is_view:
+                flat, _ = tree_flatten((args, kwargs or {}, out))
+                n = sum(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab)
+                if n:
+                    self.by_op[name] += n
+            return out
+
+    with Count() as c:
+        fn()
+    total = sum(c.by_op.values())
+    return {"passes": total / (rows * vocab),
+            "top": [(k, round(v / (rows * vocab), 2)) for k, v in c.by_op.most_common(8)]}
+
+
+def passes_table(args) -> None:
+    from tailkd_dist.losses import DIVERGENCES, cross_entropy, fused_linear_distill
+    from tailkd_dist.losses import dense
+
+    torch.set_num_threads(args.threads)
+    v = args.vocab[0]
+    hs, ws, ht, wt, labels = _inputs(args.n, args.d, v, torch.device("cpu"), torch.float32)
+    refs = {"tad": lambda s, t: dense.tad_divergence(s, t, k=10, beta=2.0), "forward_kl": dense.forward_kl,
+            "reverse_kl": dense.reverse_kl, "jsd": dense.jsd}
+    rows = []
+    for div in [d for d in DIVERGENCES if d in refs]:
+        def naive():
+            s = hs @ ws.t()
+            with torch.no_grad():
+                t = ht @ wt.t()
+            (cross_entropy(s, labels) + refs[div](s, t)).sum().backward()
+
+        def fused():
+            loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=div, k=10, beta=2.0,
+                                           chunk_size=args.chunk)
+            loss.backward()
+
+        for impl, fn in (("naive", naive), ("fused", fused)):
+            hs.grad = ws.grad = None
+            r = count_passes(fn, vocab=v, rows=args.n)
+            rows.append([div, impl, f"{r['passes']:.1f}", ", ".join(f"{k} {x}" for k, x in r["top"][:5])])
+            print(f"  {div} {impl}: {r['passes']:.1f}", file=sys.stderr, flush=True)
+    print(f"element-wise passes per logit, fwd+bwd, CE + divergence; N={args.n}, V={v}, fused chunk {args.chunk} "
+          f"(one document spanning chunks: TAD runs its pre-pass)")
+    print(benchutil.table(["divergence", "impl", "passes per logit", "largest operators (passes)"], rows))
+
+
 def _time(fn):
     import time
 
@@ -84,11 +159,16 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    ap.add_argument("--passes", action="store_true",
+                    help="count element-wise passes per logit instead of timing (first --vocab; see count_passes)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", choices=["naive", "fused"], help=argparse.SUPPRESS)
     ap.add_argument("--div", choices=["tad", "forward_kl"], help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.passes:
+        passes_table(args)
+        return
     if args.one:
         args.vocab = args.vocab[0]
         print(json.dumps(one(args)))

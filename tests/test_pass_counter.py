@@ -1,0 +1,37 @@
+"""The element-wise pass counter of tools/bench_loss.py (--passes), on operators whose passes
+are known by hand."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_loss import count_passes  # noqa: E402
+
+ROWS, V = 6, 37
+
+
+def test_counts_inputs_and_outputs_of_elementwise_ops_only():
+    x = torch.randn(ROWS, V)
+    w = torch.randn(V, 5)
+
+    def fn():
+        y = x.exp()            # reads x, writes y: 2
+        y.add_(1.0)            # reads and writes y: 2
+        y.view(ROWS * V).view(ROWS, V)  # views move nothing: 0
+        (y @ w).sum()          # a matmul: not counted; its [ROWS, 5] output is not logit-sized
+        return y.sum(-1)       # reads y: 1
+
+    r = count_passes(fn, vocab=V, rows=ROWS)
+    assert r["passes"] == 2 + 2 + 1, r
+    assert dict(r["top"]) == {"exp": 2.0, "add_": 2.0, "sum": 1.0}
+
+
+def test_backward_is_counted():
+    x = torch.randn(ROWS, V, requires_grad=True)
+    forward_only = count_passes(lambda: torch.log_softmax(x, -1).detach(), vocab=V, rows=ROWS)["passes"]
+    both = count_passes(lambda: torch.log_softmax(x, -1).sum().backward(), vocab=V, rows=ROWS)["passes"]
+    assert forward_only == 2  # reads x, writes the result
+    assert both >= forward_only + 3, both  # the backward reads grad and result, writes grad x
