@@ -72,7 +72,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The distillation loss (spec: shared/design/tad-loss.md)."""
+    """The distillation loss (specification: docs/loss.md)."""
 
     divergence: str = "tad"
     """"tad", "forward_kl", "reverse_kl", "jsd", or "none" (CE only, e.g. to train a teacher)."""

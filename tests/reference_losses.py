@@ -1,8 +1,8 @@
 """A deliberately plain float64 reference for the TAD loss family.
 
 Used only by tests/test_losses_reference.py. It NEVER imports tailkd_dist: everything is written
-straight from the definitions in ../shared/design/tad-loss.md (and issue 2 for JSD / the fused
-contract), in float64, with no cleverness beyond working in log space:
+straight from the definitions in docs/loss.md (JSD and the fused contract included), in
+float64, with no cleverness beyond working in log space:
 
     p = softmax(z_teacher / tau)          q = softmax(z_student / tau)
     K       = indices of the k largest teacher logits, ties: lower token index wins

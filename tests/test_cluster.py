@@ -1,4 +1,4 @@
-"""Cluster launch, for real, on one machine (see ../shared/design/environment.md):
+"""Cluster launch, for real, on one machine:
 
 * a single-node SLURM (Debian's slurm-wlm + munge, daemons in the foreground, slurm.conf in a
   temporary directory) runs slurm/train_deepspeed.sbatch to completion, then

@@ -10,8 +10,8 @@ write shards), with a tokenizer trained once beforehand (its training is timed s
 shows what the run cost when the wall time mostly shows what other jobs left over.
 Loader tokens/s = input_ids tokens delivered / wall time of one shuffled epoch through
 StreamingDataLoader on one rank (construction timed separately). The last column compares with
-what a 2-core CPU trainer consumes for the demo models (about 1,100 tokens/s, see
-shared/design/environment.md): the issue asks for at least 10x. Each row is the best of
+what a 2-core CPU trainer consumes for the demo models (about 1,100 tokens/s): the target is
+at least 10x. Each row is the best of
 `--repeat` runs, because the CPUs of the project's machines are shared with other jobs.
 """
 from __future__ import annotations

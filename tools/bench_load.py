@@ -70,7 +70,7 @@ def worker(model_dir: str, mode: str) -> None:
     from tailkd_dist.models import build_model
 
     torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM  # before zero.Init (shared/design/environment.md)
+    from transformers import AutoModelForCausalLM  # imported before zero.Init patches module construction
 
     assert AutoModelForCausalLM
 

@@ -5,7 +5,7 @@
     python tools/reproduce.py --out /tmp/repro/out --report-only               # REPRODUCTION.md
     python tools/reproduce.py --tiny --out /tmp/r --md /tmp/r/R.md             # CI: one tiny config
 
-Claims checked ("Don't Ignore the Tail", arXiv 2602.20816; shared/design/tad-loss.md):
+Claims checked ("Don't Ignore the Tail", arXiv 2602.20816; docs/loss.md):
   1. a TAD student (k=10, beta=2) beats a forward-KL student at the same compute;
   2. TAD students are better calibrated (Full-ECE);
   3. beta is flat between 1 and 10 with a peak near 2 (sweep 0.5, 1, 2, 5, 10 at k=10);

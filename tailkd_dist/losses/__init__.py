@@ -2,7 +2,7 @@
 
 Dense forms work on full logits (references, small vocabularies); the fused form works from
 hidden states and lm_head weights, chunk by chunk, optionally vocabulary-parallel.
-Spec: ``../shared/design/tad-loss.md``.
+Specification: ``docs/loss.md``.
 """
 from .common import DIVERGENCES, topk_lowest_index
 from .dense import cross_entropy, forward_kl, jsd, reverse_kl, tad_divergence, tad_terms

@@ -1,7 +1,7 @@
 """Pieces shared by the dense and the fused losses: argument checks, the teacher's top-k with
 the spec's tie rule, and per-document means (for TAD's beta(X)).
 
-Spec: ``../shared/design/tad-loss.md``.
+Specification: ``docs/loss.md``.
 """
 from __future__ import annotations
 

@@ -20,10 +20,10 @@ One mechanism serves every divergence and both layouts:
 
 TAD's beta(X) needs the teacher's tail mass of every position of a document before any tail
 gradient is final; when a document spans chunks a teacher-only pre-pass computes it (one extra
-teacher lm_head matmul: 5 matmuls against forward KL's 4; spec "Chunked form"). Having K and
+teacher lm_head matmul: 5 matmuls against forward KL's 4; docs/loss.md, "The chunked form"). Having K and
 log aT first also lets the main pass stream the teacher's logits in row blocks.
 
-Spec: ``../shared/design/tad-loss.md``.
+Specification: ``docs/loss.md``.
 """
 from __future__ import annotations
 
