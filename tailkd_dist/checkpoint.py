@@ -154,8 +154,7 @@ def load_extra(path: str) -> dict:
 
 def check_output_dir(cfg: TrainConfig) -> None:
     """Every rank, before anything is built: the output directory is new, empty or a run
-    directory; a fresh start never lands among another run's checkpoints; the end-of-run
-    export may replace what is at ``hf_student``."""
+    directory; a fresh start never lands among another run's checkpoints."""
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"config key 'output_dir' = {out!r} exists and is not a directory: choose another")
@@ -168,15 +167,6 @@ def check_output_dir(cfg: TrainConfig) -> None:
             raise ValueError(f"output_dir {out!r} already holds checkpoints of a run (newest {complete[-1][1]}); "
                              "checkpoint.resume=false would start a second run among them: choose a new "
                              "output_dir, or set checkpoint.resume=true to continue that run")
-    if cfg.checkpoint.export_hf_at_end:
-        from tailkd_dist.export import EXPORT_MARKER, check_export_target
-
-        target = os.path.join(out, "hf_student")
-        try:
-            check_export_target(target, run_dir=None)
-        except ValueError:
-            raise ValueError(f"{target} (where the end-of-run export goes) is not an earlier export (no "
-                             f"{EXPORT_MARKER}): move it away, or set checkpoint.export_hf_at_end=false") from None
 
 
 def start_run_dir(cfg: TrainConfig, *, fresh: bool) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.losses import STAT_KEYS, fused_linear_distill
-from tailkd_dist.losses.fused import _merge_lse
+from tailkd_dist.losses.common import merge_lse
 from tailkd_dist.parallel import vocab_parallel as vp
 
 
@@ -44,7 +44,7 @@ def full_ece_bins(hidden, weight, bias, labels, *, bins: int, group, chunk: int 
         m = z.amax(-1)
         s = torch.exp(z - m[:, None]).sum(-1)
         g = vp.all_gather_stats(torch.stack([m, s], 1), group)
-        _, lse = _merge_lse(g[..., 0], g[..., 1])
+        _, lse = merge_lse(g[..., 0], g[..., 1])
         p = torch.exp(z - lse[:, None])
         lab_c = lab[c0 : c0 + chunk]
         valid = (lab_c != -100)[:, None]

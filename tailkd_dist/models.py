@@ -2,7 +2,6 @@
 and the preflight that checks they can be distilled token by token before any heavy work."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -81,20 +80,6 @@ def is_partitioned(module: nn.Module) -> bool:
 def full_shape(p: torch.Tensor) -> torch.Size:
     """A parameter's shape, also when ZeRO-3 has partitioned it (its ``shape`` is then [0])."""
     return getattr(p, "ds_shape", p.shape)
-
-
-@contextlib.contextmanager
-def gathered(*params):
-    """Read the full values of ZeRO-3 partitioned parameters inside the block (every rank
-    must enter it: it all-gathers); ordinary parameters pass through untouched."""
-    parts = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not parts:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
-        yield
 
 
 def body_of(model: nn.Module) -> nn.Module:

@@ -138,6 +138,15 @@ def preflight(cfg: TrainConfig) -> None:
     from tailkd_dist.preflight import run_preflight
 
     checkpoint.check_output_dir(cfg)
+    if cfg.checkpoint.export_hf_at_end:
+        from tailkd_dist.export import EXPORT_MARKER, check_export_target
+
+        target = os.path.join(cfg.output_dir, "hf_student")
+        try:
+            check_export_target(target, run_dir=None)
+        except ValueError:
+            raise ValueError(f"{target} (where the end-of-run export goes) is not an earlier export (no "
+                             f"{EXPORT_MARKER}): move it away, or set checkpoint.export_hf_at_end=false") from None
     env = _Env.from_environ()
     report = run_preflight(cfg, world_size=env.world_size, local_world_size=env.local_world_size)
     for w in report.warnings:

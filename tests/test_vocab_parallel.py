@@ -575,7 +575,8 @@ def _counter_configs():
 def _counter_worker(rank: int, world_size: int) -> list[dict]:
     from tailkd_dist.losses import fused_linear_distill
     from tailkd_dist.parallel import Topology
-    from tailkd_dist.parallel.vocab_parallel import CommCounter, loss_numbers_per_token
+    from tailkd_dist.losses.traffic import loss_numbers_per_token
+    from tailkd_dist.parallel.vocab_parallel import CommCounter
 
     topos = {4: Topology.build(loss_group_size=4), 2: Topology.build(loss_group_size=2)}
     V, d_s, d_t = 203, 8, 6
@@ -703,7 +704,7 @@ def test_comm_counter_matches_an_independent_count():
 def test_loss_traffic_is_small_against_gathering_logits():
     """Issue, "Done when": at P = 8, k = 10, V = 128256 the loss's per-token numbers are
     <= 1% of the V numbers per token that gathering the logits would move."""
-    from tailkd_dist.parallel.vocab_parallel import loss_numbers_per_token
+    from tailkd_dist.losses.traffic import loss_numbers_per_token
 
     for div in DIVERGENCES:
         for tau in (1.0, 2.0):

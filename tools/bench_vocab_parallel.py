@@ -19,7 +19,7 @@ and lm_head shard) inside tailkd_dist.parallel.vocab_parallel.CommCounter:
   from the first call;
 * numbers per token of the loss's scalar collectives (candidates all-gather + tail MAX +
   partial SUM; CommCounter.numbers_per_token) against the design's formula
-  (vocab_parallel.loss_numbers_per_token, with the TAD pre-pass when N > chunk_size: the N positions are one document);
+  (losses.traffic.loss_numbers_per_token, with the TAD pre-pass when N > chunk_size: the N positions are one document);
 * numbers per token that move hidden states (forward gather of the student's and teacher's
   hidden states + backward reduce-scatter of the hidden-state gradient);
 * bytes per token of the scalar collectives (fp32) against gathering one model's full logits
@@ -201,7 +201,7 @@ def main(argv=None):
     import inspect
 
     from tailkd_dist.losses import fused_linear_distill
-    from tailkd_dist.parallel.vocab_parallel import loss_numbers_per_token
+    from tailkd_dist.losses.traffic import loss_numbers_per_token
 
     chunk = args.chunk or inspect.signature(fused_linear_distill).parameters["chunk_size"].default
     prepass = args.div == "tad" and args.n > chunk  # the design's TAD pre-pass (more than one chunk)

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.config import TrainConfig
-from tailkd_dist.models import body_of, full_shape, gathered, hidden_scale, lm_head_of, untie_warning
-from tailkd_dist.parallel.lm_head import ShardedHead
+from tailkd_dist.models import body_of, full_shape, hidden_scale, lm_head_of, untie_warning
+from tailkd_dist.parallel.lm_head import ShardedHead, gathered
 from tailkd_dist.parallel.topology import Topology
 
 

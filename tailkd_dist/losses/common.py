@@ -14,6 +14,13 @@ DIVERGENCES = ("tad", "forward_kl", "reverse_kl", "jsd", "none")
 MEAN_TAIL_FLOOR = 1e-6
 
 
+def merge_lse(maxes: torch.Tensor, sumexp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-rank (max, sum exp(x - max)) [P, c] -> global (max, logsumexp) [c]: the
+    step that turns each vocabulary shard's normaliser into the whole vocabulary's."""
+    m = maxes.amax(0)
+    return m, m + torch.log((sumexp * torch.exp(maxes - m)).sum(0))
+
+
 def check_loss_args(
     *, k: int, beta: float, temperature: float, divergence: str = "tad", jsd_beta: float = 0.5,
     jsd_name: str = "jsd_beta",

@@ -42,6 +42,7 @@ from .common import (
     check_vocab,
     default_doc_ids,
     document_segments,
+    merge_lse,
     merge_topk,
     per_document_beta,
     topk_lowest_index,
@@ -171,12 +172,6 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) on a row block. Not bmm: its float32 accumulation over a 32k-long row
     drifts ~4e-6 relative; sum() reduces pairwise (~1e-7). The temporary is block-sized."""
     return (a * b).sum(-1)
-
-
-def _merge_lse(maxes: torch.Tensor, sumexp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine per-rank (max, sum exp(x - max)) [P, c] -> global (max, logsumexp) [c]."""
-    m = maxes.amax(0)
-    return m, m + torch.log((sumexp * torch.exp(maxes - m)).sum(0))
 
 
 def _float_bits(x: float) -> int:
@@ -426,7 +421,7 @@ class _Chunker:
         each rank's max, vals[..., 0]) -> global top-k ids [c, k], log-normaliser [c]."""
         k, c = self.o.k, vals.shape[1]
         _, top = merge_topk(vals.permute(1, 0, 2).reshape(c, -1), idx.permute(1, 0, 2).reshape(c, -1), k)
-        _, lse = _merge_lse(vals[..., 0], sumexp)
+        _, lse = merge_lse(vals[..., 0], sumexp)
         return top.long(), lse
 
     def localise(self, top):
@@ -516,11 +511,11 @@ class _Chunker:
     def student_normalisers(self, g, raw_col):
         """Gathered student (max, argmax, sum of exp[, sum of exp at tau=1]) -> global lse,
         argmax and (tau != 1) CE's log-normaliser."""
-        smax, lse_s = _merge_lse(g[..., 0], g[..., 2])
+        smax, lse_s = merge_lse(g[..., 0], g[..., 2])
         # argmax: ranks hold vocabulary slices in order, so the first rank holding the max
         # has the lowest index among ties.
         first = torch.where(g[..., 0] == smax, g[..., 1], torch.full_like(g[..., 1], float(2**24)))
-        lse_raw = _merge_lse(self.o.tau * g[..., 0], g[..., raw_col])[1] if self.raw_ce else None
+        lse_raw = merge_lse(self.o.tau * g[..., 0], g[..., raw_col])[1] if self.raw_ce else None
         return lse_s, first.amin(0).long(), lse_raw
 
     def raw_sumexp(self, s, smax_local):
@@ -672,7 +667,7 @@ class _Chunker:
             parts.append(self.raw_sumexp(s, sv[:, 0])[:, None])
         g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
         lse_s, s_argmax, lse_raw = self.student_normalisers(g, 5)
-        log_as = _merge_lse(g[..., 3], g[..., 4])[1] - lse_s
+        log_as = merge_lse(g[..., 3], g[..., 4])[1] - lse_s
         s.sub_(lse_s[:, None])
         lab_local, lab_owned = self.labels_local(rows)
         beta_x = beta_x_all[rows]

@@ -20,6 +20,8 @@ the loaded model, and the HF export all-gathers the student's rows once.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,6 +37,19 @@ def vocab_slice(vocab: int, *, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+@contextlib.contextmanager
+def gathered(*params):
+    """Read the full values of ZeRO-3 partitioned parameters inside the block (every rank
+    must enter it: it all-gathers); ordinary parameters pass through untouched."""
+    parts = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
+
 class ShardedHead(nn.Module):
     """Rows [start, stop) of an lm_head (weight [V_r, d], optional bias [V_r])."""
 
@@ -48,8 +63,6 @@ class ShardedHead(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, vocab: int, rank: int, size: int, trainable: bool):
-        from tailkd_dist.models import gathered
-
         start, stop = vocab_slice(vocab, rank=rank, size=size)
         bias = getattr(linear, "bias", None)
         # A head loaded into ZeRO-3 partitions is gathered once, for the copy of its rows.
