@@ -17,8 +17,9 @@ setup(
     # Tested: CI (CPU, Python 3.11) runs the whole suite with requirements.lock: torch 2.13.0,
     # transformers 5.17.0, huggingface_hub 1.33.0, tokenizers 0.23.2, deepspeed 0.19.8, datasets
     # 5.0.1; the previous lock (transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.2)
-    # passed the same suite. tools/gpu_check.py is prepared for the GPU image (Python 3.12,
-    # torch 2.11, transformers 5.17). torch 2.14/2.15 are admitted but not yet run (README).
+    # passed the same suite, and so did torch 2.14.1 (CUDA build on CPU). tools/gpu_check.py is
+    # prepared for the GPU image (Python 3.12, torch 2.11, transformers 5.17). torch 2.15 is
+    # admitted but not yet run (README, "Library versions").
     install_requires=[
         "torch>=2.11,<2.16",
         "deepspeed>=0.16,<0.20",
