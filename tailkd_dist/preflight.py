@@ -626,7 +626,17 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         if cfg.data.train_split not in splits:
             r.problems.append(f"data.train_split = {cfg.data.train_split!r} is not in the shards' manifest "
                               f"(splits: {', '.join(splits) or 'none'})")
-        elif cfg.data.remote is None:
+        else:
+            # Streaming gives every rank ceil(rows / ranks) rows (padded) and the loader drops a
+            # last short micro-batch: fewer rows than one micro-batch make every epoch empty.
+            rows = int(splits[cfg.data.train_split].get("rows", 0))
+            per_rank = -(-rows // max(1, world_size))
+            if per_rank < cfg.data.micro_batch_size:
+                r.problems.append(
+                    f"data.micro_batch_size = {cfg.data.micro_batch_size} rows but split {cfg.data.train_split!r} "
+                    f"has {rows} rows, {per_rank} per rank over {world_size} rank(s): every epoch would be "
+                    "empty; lower data.micro_batch_size, or use fewer ranks or more data")
+        if cfg.data.train_split in splits and cfg.data.remote is None:
             index = Path(cfg.data.path) / cfg.data.train_split / "index.json"
             if not (index.is_file() and os.access(index, os.R_OK)):
                 r.problems.append(f"data: {index} is missing or unreadable (the split's shard index)")

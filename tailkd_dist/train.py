@@ -239,14 +239,21 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     last_eval = None
     stopped_by = None
+    fresh_epoch = False
     while step < cfg.optim.max_steps:
         t0 = time.perf_counter()
         micro = []
         while len(micro) < cfg.optim.grad_accum:
             try:
                 micro.append(next(it))
+                fresh_epoch = False
             except StopIteration:  # a new epoch (streaming's order is deterministic per epoch)
+                if fresh_epoch:  # a whole epoch gave nothing: another would spin forever
+                    raise ValueError(f"an epoch of data split {cfg.data.train_split!r} gives this rank no micro-batch "
+                                     f"of data.micro_batch_size = {cfg.data.micro_batch_size} rows: lower "
+                                     "data.micro_batch_size, or use fewer ranks or more data")
                 it = iter(train_loader)
+                fresh_epoch = True
         res = train_step(adapter, micro, step=step, cfg=cfg)
         step += 1
         liveness.progress(step)

@@ -190,6 +190,8 @@ BAD = {
     "k_ge_vocab": ({"loss__k": 512}, "loss.k"),
     "beta_le_0": ({"loss__beta": 0.0}, "loss.beta"),
     "missing_model_dir": ({"models__teacher": {"path": "/nonexistent/teacher"}}, "models.teacher.path"),
+    # more rows per micro-batch than the split has: every epoch empty (this used to spin forever)
+    "empty_epoch": ({"data__micro_batch_size": 100000}, "data.micro_batch_size = 100000 rows but split 'train'"),
 }
 
 
