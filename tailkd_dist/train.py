@@ -340,7 +340,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for
         from tailkd_dist.parallel import liveness
 
-        liveness.report(e)
+        if liveness.report(e):
+            return 1  # the line names the rank(s); a traceback through the collective adds nothing
         raise
     return 0
 

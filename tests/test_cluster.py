@@ -639,3 +639,5 @@ def test_stopped_rank_makes_the_survivor_fail_within_the_timeout(data, tmp_path)
     assert lines, output[-5000:]
     assert "gave up on a collective during step 3" in lines[0] and "waiting for rank 1 (" in lines[0], lines[0]
     assert f"engine.dist_timeout_s = {timeout} s" in lines[0] and "Timed out" in lines[0], lines[0]
+    # one line from the surviving rank, no traceback from it (torchrun's own summary aside)
+    assert not [ln for ln in output.splitlines() if ln.startswith("[rank0]:")], output[-5000:]

@@ -183,8 +183,9 @@ def explain(exc: BaseException) -> str | None:
     return _state.explain(exc)
 
 
-def report(exc: BaseException, *, prog: str = "tailkd-train") -> None:
-    """Print :func:`explain`'s line to stderr as ``<prog>: error: ...`` (and log it)."""
+def report(exc: BaseException, *, prog: str = "tailkd-train") -> bool:
+    """Print :func:`explain`'s line to stderr as ``<prog>: error: ...``; True if there was one
+    (the failure is explained: the caller exits without a traceback)."""
     try:
         line = explain(exc)
     except Exception as error:  # never hide the original exception
@@ -193,3 +194,4 @@ def report(exc: BaseException, *, prog: str = "tailkd-train") -> None:
         # one write: ranks share the pipe, and print's two writes interleave
         sys.stderr.write(f"{prog}: error: {line}\n")
         sys.stderr.flush()
+    return bool(line)
