@@ -40,7 +40,7 @@ import torch.distributed as dist
 import yaml
 
 from tailkd_dist.config import TrainConfig, dump_yaml, to_dict
-from tailkd_dist.staging import describe_write_error
+from tailkd_dist.staging import describe_write_error, free_bytes, no_space
 
 log = logging.getLogger("tailkd_dist")
 
@@ -210,20 +210,17 @@ def check_resume(cfg: TrainConfig, *, ckpt_path: str, state: dict, world_size: i
     allowed = [k for k in differ if any(k == p or (p.endswith(".") and k.startswith(p)) for p in MAY_CHANGE_ON_RESUME)]
     refused = [k for k in differ if k not in allowed]
     if refused:
-        shown = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(now.get(k))}" for k in refused[:6])
-        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
         raise CheckpointError(
-            f"{tag} in {os.path.dirname(ckpt_path)} was written with another configuration ({shown}{more}): "
-            "resume with the checkpoint's values, or start a new run in another output_dir "
-            f"(keys that may change on resume: {', '.join(MAY_CHANGE_ON_RESUME)})")
+            f"{tag} in {os.path.dirname(ckpt_path)} was written with another configuration "
+            f"({_changes(refused, stored, now)}): resume with the checkpoint's values, or start a new run in "
+            f"another output_dir (keys that may change on resume: {', '.join(MAY_CHANGE_ON_RESUME)})")
     if state.get("world_size") not in (None, world_size):
         raise CheckpointError(
             f"{tag} was written by {state['world_size']} ranks and this job has {world_size}: resume with "
             f"{state['world_size']} ranks (engine checkpoints are not resharded), or export the student "
             "(tailkd-export-hf) and start a new run from it")
     if allowed and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.info("resuming %s with changed keys (allowed): %s", tag,
-                 "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(now.get(k))}" for k in allowed))
+        log.info("resuming %s with changed keys (allowed): %s", tag, _changes(allowed, stored, now, limit=None))
 
 
 def model_shapes(**models) -> dict:
@@ -233,20 +230,24 @@ def model_shapes(**models) -> dict:
 
 
 def check_model_shapes(state: dict, shapes: dict, *, tag: str) -> None:
-    stored = state.get("model_shapes")
-    if stored is None or stored == shapes:
+    if state.get("model_shapes") is None:  # a checkpoint of an older version: nothing to compare
         return
-    diffs = [f"{role}.{k}: {stored.get(role, {}).get(k)} -> {shapes.get(role, {}).get(k)}"
-             for role in sorted(stored.keys() | shapes.keys())
-             for k in sorted(stored.get(role, {}).keys() | shapes.get(role, {}).keys())
-             if stored.get(role, {}).get(k) != shapes.get(role, {}).get(k)]
-    raise CheckpointError(f"{tag} was written for other models ({'; '.join(diffs[:6])}): the model files "
-                          "changed since; resume with the same models, or start a new run in another output_dir")
+    stored, now = _flat(state["model_shapes"]), _flat(shapes)
+    differ = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
+    if differ:
+        raise CheckpointError(f"{tag} was written for other models ({_changes(differ, stored, now)}): the model "
+                              "files changed since; resume with the same models, or start a new run in another "
+                              "output_dir")
 
 
-def _short(v) -> str:
-    text = json.dumps(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _changes(keys: list[str], old: dict, new: dict, *, limit: int | None = 6) -> str:
+    """``key: old -> new; ...`` for the first ``limit`` keys, values shortened."""
+    def short(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    shown = "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if limit is not None and len(keys) > limit else "")
 
 
 def new_run_id() -> str:
@@ -322,9 +323,11 @@ def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
         except Exception as e:  # noqa: BLE001
             failure, what = e, describe_write_error(e, where if os.path.isdir(where) else r)
     if not _all_ok(failure, adapter):
+        # Judged before the partial files go (removing them frees the space again).
+        the_disk = failure is None or isinstance(failure, OSError) or no_space(failure, where)
         if rank == 0:
             shutil.rmtree(where, ignore_errors=True)
-        if failure is not None and not isinstance(failure, OSError) and not what.startswith("no space"):
+        if not the_disk:
             raise failure  # not the disk: a defect, with its traceback
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint {tag} in {r} was not saved: {what or 'another rank failed to write its part'}; "
@@ -340,8 +343,7 @@ def _check_space(r: str, previous: str | None) -> None:
         return
     prev = os.path.join(r, previous)
     need = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(prev) for f in files)
-    st = os.statvfs(r)
-    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    free = free_bytes(r)
     if free < need:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
                       f"{r}: {need / 2**20:.1f} MiB needed (the size of {previous}), {free / 2**20:.1f} MiB free")

@@ -54,11 +54,16 @@ def no_space(e: BaseException, path: str | os.PathLike) -> bool:
     if "No space left on device" in str(e):
         return True
     try:
-        st = os.statvfs(path)
+        return free_bytes(path) < 1 << 20
     except OSError:
         return False
-    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-    return free < 1 << 20
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes this process may still write on the file system of ``path`` (root may use the
+    blocks reserved for it)."""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def describe_write_error(e: BaseException, where: str | os.PathLike | None = None) -> str:

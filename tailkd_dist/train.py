@@ -325,16 +325,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg)
-    except (ValueError, FloatingPointError) as e:
-        # one write: ranks share the pipe, and print's two writes interleave
-        sys.stderr.write(f"tailkd-train: error: {e}\n")
-        sys.stderr.flush()
-        return 2
-    except OSError as e:  # disk full, permissions: the file and the reason, not a traceback
+    except (ValueError, FloatingPointError, OSError) as e:  # OSError: disk full, permissions
         from tailkd_dist.staging import describe_write_error
 
         # one write: ranks share the pipe, and print's two writes interleave
-        sys.stderr.write(f"tailkd-train: error: {describe_write_error(e)}\n")
+        sys.stderr.write(f"tailkd-train: error: {describe_write_error(e) if isinstance(e, OSError) else e}\n")
         sys.stderr.flush()
         return 2
     except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for

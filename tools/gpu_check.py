@@ -296,11 +296,9 @@ def training_section(table: Table, dev, *, data: Path, work: Path, steps: int, d
         export = work / f"export_{engine}"
         exp = _run([sys.executable, str(REPO / "tools/export_hf.py"), str(run_dir), str(export)],
                    work / f"{engine}_export.log", timeout=300)
-        ok, what = exp.returncode == 0, _last_line(exp)
-        if ok:
-            ok, what = _load_export(export, dev)
-        table.add("train", f"{engine}: HF export loaded back", result=table.check(ok, f"{engine} export: {what}")
-                  if not ok else what)
+        ok, what = _load_export(export, dev) if exp.returncode == 0 else (False, _last_line(exp))
+        table.check(ok, f"{engine} export: {what}")
+        table.add("train", f"{engine}: HF export loaded back", result=what if ok else "FAILED: " + what)
 
 
 def _load_export(path: Path, dev) -> tuple[bool, str]:
@@ -310,8 +308,10 @@ def _load_export(path: Path, dev) -> tuple[bool, str]:
     ids = torch.arange(16, device=dev)[None] % model.config.vocab_size
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    finite = bool(torch.isfinite(logits).all())
-    return finite, f"ok: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, finite logits"
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+    if not torch.isfinite(logits).all():
+        return False, f"{size}, non-finite logits"
+    return True, f"ok: {size}, finite logits"
 
 
 def _last_line(out: subprocess.CompletedProcess) -> str:

@@ -50,6 +50,7 @@ def gathered(*params):
     with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
         yield
 
+
 class ShardedHead(nn.Module):
     """Rows [start, stop) of an lm_head (weight [V_r, d], optional bias [V_r])."""
 
