@@ -780,6 +780,56 @@ def test_fused_ties_at_kth_value_lower_index_wins(chunk, dtype):
     assert float(stats["top1_agree"]) == float(ref_stats["top1_agree"])
 
 
+def _stable_topk_reference(x: torch.Tensor, k: int):
+    """Plain float64 reference of the tie rule: sort by (value desc, index asc)."""
+    rows = x.double().reshape(-1, x.shape[-1]).tolist()
+    ids = [sorted(range(len(r)), key=lambda j: (-r[j], j))[:k] for r in rows]
+    return torch.tensor(ids).reshape(*x.shape[:-1], k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_topk_keys_follow_the_tie_rule(dtype):
+    """The accelerator's top-k (one torch.topk over packed value/index keys, no host sync),
+    called directly on CPU: ties, -0.0 against +0.0, infinities and negative values pick the
+    lower indices, values come back exactly."""
+    from tailkd_dist.losses.common import _topk_packed
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (40, 37), generator=gen).to(torch.float32) * 0.5
+    x[0] = 0.0
+    x[1, ::2] = -0.0
+    x[2, 5] = float("inf")
+    x[3, :] = float("-inf")
+    x[3, 30] = -1e30
+    x[4] = -torch.rand(37, generator=gen) * 1e-40  # negative subnormals
+    x = x.to(dtype)
+    for k in (1, 2, 5, 11, 36, 37):
+        vals, idx = _topk_packed(x, k)
+        want = _stable_topk_reference(x, k)
+        assert torch.equal(idx, want), k
+        assert torch.equal(vals, x.gather(-1, want)), k
+
+
+def _force_packed_topk(monkeypatch):
+    import tailkd_dist.losses.common as common
+
+    calls = []
+    packed = common._topk_packed
+    monkeypatch.setattr(common, "_packed_topk_applies", lambda x: x.dtype == torch.float32)
+    monkeypatch.setattr(common, "_topk_packed", lambda x, k: (calls.append(1), packed(x, k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_fused_ties_through_the_packed_topk(monkeypatch, chunk):
+    """The whole fused loss with the accelerator's top-k forced on CPU (float32): the tie case
+    and a reference case give the reference's numbers."""
+    calls = _force_packed_topk(monkeypatch)
+    test_fused_ties_at_kth_value_lower_index_wins(chunk, F32)
+    run_fused_and_compare(FUSED_CASES[1], "tad", F32)
+    assert calls, "the packed top-k was not used"
+
+
 def test_fused_upstream_gradient_scales():
     """loss_sum.backward(gradient=c) (e.g. 1 / global token count) scales every gradient."""
     L, _ = impl()

@@ -617,32 +617,27 @@ def _spec_numbers_per_token(P, k, div, tau, prepass=False):
 
     Spec ("Vocabulary-sharded form"): 2 (MAX of the teacher's and student's maxima) + 2Pk
     (all-gather of every rank's k candidates, value and index) + 8 (one SUM of the partial
-    sums). This design replaces the MAX by per-rank (max, sum of exp) pairs in the gather and
-    adds the student's local argmax (for top1_agree): per rank 2k+1 (teacher: top-k values and
-    ids, sum of exp) + 3 (student: max, argmax, sum of exp), a MAX of the 2 tails' maxima
-    (exact log aT, log aS) and the SUM of 8 -> 2Pk + 4P + 10 = spec + 4P. Further additions:
-    one more sum of exp at tau = 1 for CE when tau != 1 (+P), and the divergences' own sums
-    (reverse KL +1, JSD +2).
-
-    After TAD's pre-pass the teacher's logits are streamed and gone before any exchange, so
-    each rank sends its tail's pieces instead of a MAX and two SUM columns: the teacher's
-    (k+1)-th value, the sum of exp beyond its own top-k and a non-finite flag (+3P), and the
-    student's local tail (max, sum of exp) (+2P); the MAX (2) and the SUM's tail and flag
-    columns (3) go: spec + 9P - 5.
+    sums). This design exchanges, per rank, the teacher's top-(k+1) values and top-k ids, its
+    sum of exp, the sum of exp beyond its own top-k and a non-finite flag (2k+4), then the
+    student's max, argmax, sum of exp and its tail's max and sum of exp (5); the MAX goes and
+    the SUM keeps 5 columns (the tails are exact from the gathers): 2Pk + 9P + 5 = spec + 9P - 5,
+    with or without TAD's pre-pass (which only moves the teacher's gather earlier). Further
+    additions: one more sum of exp at tau = 1 for CE when tau != 1 (+P), and the divergences'
+    own sums (reverse KL +1, JSD +2).
     """
     extras = {"reverse_kl": 1, "jsd": 2}.get(div, 0)
     spec = 2 + 2 * P * k + 8
-    streamed = 5 * P - 5 if prepass else 0
-    return spec + 4 * P + (P if tau != 1.0 else 0) + extras + streamed
+    return spec + 9 * P - 5 + (P if tau != 1.0 else 0) + extras
 
 
 def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
     """The collectives the design implies, sizes as each moves them: [(op, numel)] in call
-    order, and the per-token numbers of the scalar ones (candidates, maxima, partial sums)."""
+    order, and the per-token numbers of the scalar ones (candidates, partial sums)."""
     N, n_max = sum(positions), max(positions)
     extras = {"tad": 0, "forward_kl": 0, "none": 0, "reverse_kl": 1, "jsd": 2}[div]
-    teacher = 2 * k + 1  # top-k values and global ids, sum of exp of the slice
-    raw = 1 if tau != 1.0 else 0  # CE's sum of exp at tau = 1
+    # teacher: k+1 values, k ids, sum of exp, sum of exp beyond the rank's own top-k, flag
+    teacher = 2 * k + 4
+    student = 5 + (1 if tau != 1.0 else 0)  # max, argmax, sum of exp, tail max, tail sum [, raw]
     calls = [
         ("all_gather_into_tensor", None),  # the call's layout/settings (size not pinned)
         ("all_gather_into_tensor", P * n_max * 2),  # labels + doc ids of the group
@@ -651,22 +646,13 @@ def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
     chunks = [min(chunk, N - c0) for c0 in range(0, N, chunk)]
     prepass = div == "tad" and N > chunk  # doc_ids=None on [N] inputs: one document
     scalar = 0
-    if prepass:
-        # teacher-only pass, one gather per chunk: k+1 values, k ids, sum of exp, sum of exp
-        # beyond the rank's own top-k, non-finite flag
-        for c in chunks:
-            calls.append(("all_gather_into_tensor", P * c * (teacher + 3)))
-            scalar += P * c * (teacher + 3)
-        # main pass: student max, argmax, sum of exp, local tail max and sum [, raw]; the SUM
-        for c in chunks:
-            calls += [("all_gather_into_tensor", P * c * (5 + raw)), ("all_reduce", c * (5 + extras))]
-            scalar += P * c * (5 + raw) + c * (5 + extras)
-    else:
-        for c in chunks:
-            per_rank = teacher + 3 + raw  # + student max, argmax, sum of exp
-            calls += [("all_gather_into_tensor", P * c * per_rank), ("all_reduce", c * 2),
-                      ("all_reduce", c * (8 + extras))]
-            scalar += P * c * per_rank + c * 2 + c * (8 + extras)
+    if prepass:  # teacher-only pass first, one gather per chunk
+        calls += [("all_gather_into_tensor", P * c * teacher) for c in chunks]
+    for c in chunks:
+        if not prepass:
+            calls.append(("all_gather_into_tensor", P * c * teacher))
+        calls += [("all_gather_into_tensor", P * c * student), ("all_reduce", c * (5 + extras))]
+        scalar += P * c * teacher + P * c * student + c * (5 + extras)
     calls.append(("reduce_scatter_tensor", P * n_max * d_s))  # hidden-state gradient
     return calls, scalar / N
 

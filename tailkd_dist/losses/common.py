@@ -69,12 +69,20 @@ def topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     ``torch.topk`` leaves the choice among equal values unspecified (the CPU kernel and the
     CUDA kernel differ), but the spec requires every rank and every chunking to pick the same
     set. Returns values sorted descending and, among equal values, indices ascending.
+
+    Two exact ways to the same answer (``_packed_topk_applies`` picks): on an accelerator
+    one top-k over packed (value, index) keys, with no host sync; on a CPU, where a "sync"
+    costs nothing and the packed keys cost ~5x the top-k itself, torch.topk and a repair of
+    the rows whose boundary is a tie.
     """
+    if _packed_topk_applies(x):
+        return _topk_packed(x, k)
     n = x.shape[-1]
     vals, idx = torch.topk(x, min(k + 1, n), dim=-1, sorted=True)
     if k < n:
         # A tie straddles the boundary iff the k-th and (k+1)-th largest values are equal.
-        # Finding the rows costs one host sync; such rows are rare in fp32 and repaired below.
+        # Finding the rows is a host sync (only float64 reaches it on an accelerator); such
+        # rows are rare in fp32 and repaired below.
         bad = (vals[..., k - 1] == vals[..., k]).nonzero(as_tuple=True)
         vals, idx = vals[..., :k], idx[..., :k]
         if bad[0].numel():
@@ -86,6 +94,25 @@ def topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             vals[bad] = rows.gather(-1, order)
     # Inside the chosen set, order equal values by index so downstream merges are canonical.
     return _canonical_order(vals, idx)
+
+
+def _packed_topk_applies(x: torch.Tensor) -> bool:
+    # float64 values leave no room for the index in a 64-bit key.
+    return x.device.type != "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _topk_packed(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same top-k from one torch.topk over int64 keys (order-preserving value bits << 32
+    | (2**32 - 1 - index)): larger keys are larger values and, among equal values, lower
+    indices, so the tie rule needs no second look (and no host sync)."""
+    x32 = x.float() + 0.0  # + 0.0 turns -0.0 into +0.0: equal values must get equal bits
+    bits = x32.view(torch.int32)
+    # Negative floats order backwards as integers: flipping their magnitude bits fixes that.
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    low = 0xFFFFFFFF - torch.arange(x.shape[-1], dtype=torch.int64, device=x.device)
+    keys, _ = torch.topk((ordered << 32) | low, min(k, x.shape[-1]), dim=-1, sorted=True)
+    idx = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    return x.gather(-1, idx), idx
 
 
 def _canonical_order(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

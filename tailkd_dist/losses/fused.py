@@ -6,36 +6,37 @@ element-wise work on a chunk runs over row blocks with small scratch buffers, so
 memory is two [chunk, V_r] logit buffers plus O(block * V_r) (TAD over several chunks: one
 [chunk, V_r] buffer, the teacher's logits streamed in row blocks; see ``_Chunker``).
 
-One mechanism serves every divergence and both layouts:
+One loop serves every divergence and both layouts:
 
-* **divergences** are small hooks (``_DIVERGENCES``): which extra per-token partial sums they
-  need, their per-token value from the reduced sums, and their gradient w.r.t. the student's
-  logits, written in place;
+* **divergences** are small hooks (``divergences.HOOKS``): which extra per-token partial sums
+  they need, their per-token value from the reduced sums, their gradient w.r.t. the
+  student's logits (written in place) and how they see the teacher (TAD decides there
+  whether it needs a pre-pass);
 * **vocabulary parallelism** (``vocab_group``): rank r owns rows [off_r, off_r + V_r) of both
   lm_heads and its own positions. Every rank gathers the group's hidden states, makes logits
   for its vocabulary slice, and per chunk the group exchanges per-token scalars only: an
-  all-gather of per-rank candidates (top-k values and ids, sums of exp), a MAX of the tails'
-  maxima where needed, and one SUM all-reduce of per-token partial sums. With
+  all-gather of the teacher's per-rank candidates, one of the student's, and one SUM
+  all-reduce of per-token partial sums, each laid out by a named ``Columns`` schema. With
   ``vocab_group=None`` every exchange is the identity (P = 1).
 
 TAD's beta(X) needs the teacher's tail mass of every position of a document before any tail
 gradient is final; when a document spans chunks a teacher-only pre-pass computes it (one extra
-teacher lm_head matmul: 5 matmuls against forward KL's 4; docs/loss.md, "The chunked form"). Having K and
-log aT first also lets the main pass stream the teacher's logits in row blocks.
+teacher lm_head matmul: 5 matmuls against forward KL's 4; docs/loss.md, "The chunked form").
+Having K and log aT first also lets the main pass stream the teacher's logits in row blocks.
 
 Specification: ``docs/loss.md``.
 """
 from __future__ import annotations
 
 import functools
-import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from tailkd_dist.parallel import vocab_parallel as vp
 
+from .columns import Columns
 from .common import (
     DIVERGENCES,
     check_loss_args,
@@ -47,14 +48,7 @@ from .common import (
     per_document_beta,
     topk_lowest_index,
 )
-
-# Columns of the per-token SUM all-reduce. Every divergence: the rank's share of
-# sum_K p log(p/q), sum_tail p log(p/q), sum p log p, sum q log q and log q(label). The one-pass
-# chunk adds the tails' sums of exp relative to their exact maxima ("t_tail", "s_tail": log aT,
-# log aS exact in log space) and a count of non-finite teacher logits ("t_bad"); after the
-# TAD pre-pass those are known before the sweep and travel elsewhere.
-_COMMON = ("kl_top", "kl_tail", "plogp", "qlogq", "lq_label")
-_ONE_PASS = ("t_tail", "t_bad", "s_tail")
+from .divergences import HOOKS, RowBlock, TeacherPlan, add_at, rowdot
 
 STAT_KEYS = (
     "valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s",
@@ -74,104 +68,31 @@ _TEACHER_ELEMENTS = 1 << 23
 _TEACHER_ELEMENTS_CUDA = 1 << 27
 
 
-def partial_names(divergence: str, *, streamed: bool) -> tuple[str, ...]:
-    """Names of the per-token SUM columns for this divergence (the all-reduce's layout);
-    ``streamed``: TAD's main pass after the teacher pre-pass."""
-    extra = _DIVERGENCES[divergence].partials
-    return (() if streamed else _ONE_PASS) + _COMMON + extra
+# --------------------------------------------------------------------------- what travels
 
 
-# --------------------------------------------------------------------------- divergences
+def teacher_columns(k: int) -> Columns:
+    """Per rank and position, all-gathered (step 1): the top-(k+1) values (the (k+1)-th is the
+    maximum of the entries outside the rank's own top-k), the top-k global ids, the sum of
+    exp relative to the rank's max, the sum of exp of the entries outside its own top-k
+    relative to their max, and a flag for NaN / inf logits."""
+    return Columns.of(values=k + 1, ids=k) + Columns.of("sumexp", "rest_sumexp", "nonfinite")
 
 
-@dataclass(frozen=True)
-class _Divergence:
-    """A divergence plugged into the chunk loop.
-
-    partials: names of extra per-token SUM columns, computed by ``partial_fn``.
-    value_fn(tok) -> per-token L_div at temperature tau (before the tau^2 factor).
-    grad_fn(blk) writes dL_div/d(student logits / tau) into ``blk.out`` (in place).
-    """
-
-    partials: tuple[str, ...]
-    partial_fn: object
-    value_fn: object
-    grad_fn: object
+def student_columns(*, raw_ce: bool) -> Columns:
+    """Per rank and position, all-gathered (step 2): max, argmax (global id), sum of exp
+    relative to the max, the tail's (entries outside K) max and sum of exp relative to it;
+    with tau != 1 the sum of exp at tau = 1 (CE's normaliser)."""
+    return Columns.of("max", "argmax", "sumexp", "tail_max", "tail_sumexp", *(("sumexp_raw",) if raw_ce else ()))
 
 
-def _no_partials(blk):
-    return {}
-
-
-def _rkl_partials(blk):
-    # sum q (log q - log p) on the rank's slice: from log q - log p directly (no cancellation).
-    return {"rkl": -_rowdot(blk.q, blk.diff)}
-
-
-def _jsd_partials(blk):
-    b = blk.jsd_beta
-    log_m = torch.logaddexp(blk.log_p + math.log(b), blk.log_q + math.log1p(-b))
-    scratch = torch.sub(blk.log_p, log_m)
-    jp = _rowdot(blk.p, scratch)
-    torch.sub(blk.log_q, log_m, out=scratch)
-    return {"jsd_p": jp, "jsd_q": _rowdot(blk.q, scratch)}
-
-
-def _fkl_grad(blk):
-    torch.sub(blk.q, blk.p, out=blk.out)
-
-
-def _tad_grad(blk):
-    # j in K: q_j - p_j; j in tail: (q_j - p_j) + (beta(X)-1) (q_j aT/aS - p_j)  (spec).
-    # q_j aT/aS is formed as exp(log q_j + log aT - log aS): exact even when aS underflows.
-    # Clamped: top-k entries (zeroed next) could overflow; tail entries are <= aT <= 1 anyway.
-    tail = torch.add(blk.log_q, blk.log_ratio[:, None]).clamp_(max=0.0).exp_()
-    blk.add_at_top(tail, -tail.gather(1, blk.top_local))
-    tail.sub_(blk.p)
-    blk.add_at_top(tail, blk.p.gather(1, blk.top_local))  # K entries back to exactly 0
-    torch.sub(blk.q, blk.p, out=blk.out)
-    blk.out.addcmul_(tail, (blk.beta_x - 1.0)[:, None])
-
-
-def _rkl_grad(blk):
-    # d/ds_j sum q log(q/p) = q_j (log q_j - log p_j - RKL)
-    torch.add(blk.diff, blk.tok["rkl"][:, None], out=blk.out)
-    blk.out.neg_().mul_(blk.q)
-
-
-def _jsd_grad(blk):
-    # dJSD/dq_i = (1-b) log(q_i/m_i); through the softmax: q_j (g_j - sum_i q_i g_i),
-    # and sum_i q_i g_i = (1-b) KL(q||m) = (1-b) * jsd_q.
-    b = blk.jsd_beta
-    log_m = torch.logaddexp(blk.log_p + math.log(b), blk.log_q + math.log1p(-b))
-    torch.sub(blk.log_q, log_m, out=blk.out)
-    blk.out.sub_(blk.tok["jsd_q"][:, None]).mul_((1.0 - b) * blk.q)
-
-
-def _none_grad(blk):
-    blk.out.zero_()
-
-
-_DIVERGENCES = {
-    "tad": _Divergence((), _no_partials, lambda t: t["kl"] + (t["beta_x"] - 1.0) * t["at_d2"], _tad_grad),
-    "forward_kl": _Divergence((), _no_partials, lambda t: t["kl"], _fkl_grad),
-    "reverse_kl": _Divergence(("rkl",), _rkl_partials, lambda t: t["rkl"], _rkl_grad),
-    "jsd": _Divergence(
-        ("jsd_p", "jsd_q"), _jsd_partials,
-        lambda t: t["jsd_beta"] * t["jsd_p"] + (1.0 - t["jsd_beta"]) * t["jsd_q"], _jsd_grad,
-    ),
-    "none": _Divergence((), _no_partials, lambda t: torch.zeros_like(t["kl"]), _none_grad),
-}
-assert set(_DIVERGENCES) == set(DIVERGENCES)
+def sum_columns(divergence: str) -> Columns:
+    """Per position, SUM all-reduced (step 3): the rank's shares of sum_K p log(p/q),
+    sum_tail p log(p/q), sum p log p, sum q log q and log q(label), then the divergence's own."""
+    return _Chunker.COMMON_SUMS + HOOKS[divergence].sums
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) on a row block. Not bmm: its float32 accumulation over a 32k-long row
-    drifts ~4e-6 relative; sum() reduces pairwise (~1e-7). The temporary is block-sized."""
-    return (a * b).sum(-1)
 
 
 def _float_bits(x: float) -> int:
@@ -297,42 +218,9 @@ class _Opts:
     ignore_index: int
 
 
-class _Block:
-    """Row block of a chunk during the element-wise phases: views of log p / log q and
-    per-row quantities; p, q and log p - log q are block-sized and made on first use."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    @functools.cached_property
-    def p(self):
-        return self.log_p.exp()
-
-    @functools.cached_property
-    def q(self):
-        return self.log_q.exp()
-
-    @functools.cached_property
-    def diff(self):
-        return torch.sub(self.log_p, self.log_q)
-
-    def add_at_top(self, buf: torch.Tensor, values: torch.Tensor) -> None:
-        """buf[row, K_local] += values where this rank owns the K entry (duplicates-safe)."""
-        _add_at(buf, self.top_local, self.top_owned, values)
-
-
-def _add_at(buf: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, values: torch.Tensor) -> None:
-    # Entries not owned by this rank point at column 0 and add exactly 0, so an accumulating
-    # index_put is exact whatever the duplicates.
-    n, v = buf.shape
-    flat = (idx + torch.arange(n, device=idx.device)[:, None] * v).reshape(-1)
-    vals = torch.where(owned, values, torch.zeros((), dtype=buf.dtype, device=buf.device))
-    buf.view(-1).index_put_((flat,), vals.reshape(-1).to(buf.dtype), accumulate=True)
-
-
 def _blocks(n_rows: int, v_local: int, device=None):
-    # GPUs: bigger blocks (each element-wise kernel launch and tie check costs microseconds
-    # of launch and host sync, and a GPU has the memory); CPUs: small, cache-friendly ones.
+    # GPUs: bigger blocks (each element-wise kernel launch costs microseconds, and a GPU has
+    # the memory); CPUs: small, cache-friendly ones.
     elems = _BLOCK_ELEMENTS_CUDA if device is not None and device.type == "cuda" else _BLOCK_ELEMENTS
     step = max(1, min(n_rows, elems // max(v_local, 1)))
     return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
@@ -363,82 +251,199 @@ def _local_candidates(x: torch.Tensor, kk: int, v_offset: int, k_pad: int):
         v, i = topk_lowest_index(xb, kk)
         vals[r0:r1, :kk] = v
         idx[r0:r1, :kk] = (i + v_offset).to(x.dtype)
-        scratch = torch.sub(xb, v[:, :1])
-        sumexp[r0:r1] = scratch.exp_().sum(-1)
+        sumexp[r0:r1] = torch.sub(xb, v[:, :1]).exp_().sum(-1)
     return vals, idx, sumexp
 
 
-def _tail_max(vals: torch.Tensor, idx: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Largest local candidate that is not in the global top-k (-inf if none)."""
-    in_top = (idx.long()[:, :, None] == top[:, None, :]).any(-1)
-    return torch.where(in_top, torch.full_like(vals, float("-inf")), vals).amax(-1)
+@dataclass
+class TeacherRows:
+    """What the group knows about the teacher at some positions, before its logits are
+    swept: the global top-k K, the log-normaliser, log aT (exact in log space) and how many
+    of the ranks' logits there are NaN or inf (identical on every rank)."""
+
+    top: torch.Tensor  # [c, k] global token ids of K, canonical order
+    lse: torch.Tensor  # [c]
+    log_tail: torch.Tensor  # [c] log aT
+    nonfinite: torch.Tensor  # [c] ranks whose slice holds a NaN or inf
+
+    def __getitem__(self, rows: slice) -> "TeacherRows":
+        return TeacherRows(self.top[rows], self.lse[rows], self.log_tail[rows], self.nonfinite[rows])
+
+
+@dataclass
+class StudentRows:
+    """The student's normalisers of a chunk after its exchange."""
+
+    lse: torch.Tensor  # [c] log-normaliser at temperature tau
+    argmax: torch.Tensor  # [c] global argmax (lowest id among ties)
+    log_tail: torch.Tensor  # [c] log aS
+    lse_raw: torch.Tensor | None  # [c] log-normaliser at tau = 1 (CE) when tau != 1
+
+
+@dataclass
+class _ChunkRows:
+    """Per-row quantities of one chunk that its sweeps read."""
+
+    rows: slice  # the chunk's positions in the call
+    top_local: torch.Tensor
+    top_owned: torch.Tensor
+    lab_local: torch.Tensor
+    lab_owned: torch.Tensor
+    lse_s: torch.Tensor
+    lse_raw: torch.Tensor | None
+    beta_x: torch.Tensor
+    log_ratio: torch.Tensor
+    kd_row: torch.Tensor
+    ce_row: torch.Tensor
+
+
+def _teacher_from_candidates(g: dict, k: int) -> TeacherRows:
+    """Every rank's teacher candidates [P, c, ...] -> TeacherRows (a pure step).
+
+    Rank r's part of the tail is the set of its entries outside its own top-k (their max is
+    its (k+1)-th value, and it sent their sum of exp relative to it) plus those of its own
+    top-k that K leaves out (values it sent anyway): K restricted to a rank is always part of
+    that rank's own top-k (same tie rule). So log aT is exact, in log space, from one gather.
+    """
+    vals, ids = g["values"], g["ids"]
+    c = vals.shape[1]
+    _, top = merge_topk(vals[..., :k].permute(1, 0, 2).reshape(c, -1), ids.permute(1, 0, 2).reshape(c, -1), k)
+    top = top.long()
+    _, lse = merge_lse(vals[..., 0], g["sumexp"])
+    in_top = (ids.long()[..., None] == top[None, :, None, :]).any(-1)
+    out_k = torch.where(in_top, torch.full_like(ids, float("-inf")), vals[..., :k])
+    rest_max = vals[..., k]
+    tmax = torch.maximum(out_k.amax(-1), rest_max).amax(0)
+    tail = (g["rest_sumexp"] * torch.exp(rest_max - tmax)).sum(0) + torch.exp(out_k - tmax[:, None]).sum((0, 2))
+    return TeacherRows(top, lse, tmax + torch.log(tail) - lse, g["nonfinite"].sum(0))
+
+
+def _student_from_candidates(g: dict, tau: float) -> StudentRows:
+    """Every rank's student (max, argmax, sum of exp, tail max, tail sum of exp[, sum of exp
+    at tau = 1]) [P, c] -> StudentRows (a pure step)."""
+    smax, lse = merge_lse(g["max"], g["sumexp"])
+    # Ranks hold vocabulary slices in order: the first rank holding the max has the lowest id.
+    first = torch.where(g["max"] == smax, g["argmax"], torch.full_like(g["argmax"], float(2**24)))
+    lse_raw = merge_lse(tau * g["max"], g["sumexp_raw"])[1] if "sumexp_raw" in g else None
+    log_tail = merge_lse(g["tail_max"], g["tail_sumexp"])[1] - lse
+    return StudentRows(lse, first.amin(0).long(), log_tail, lse_raw)
+
+
+class _InChunkTeacher:
+    """The teacher's logits of each chunk, made beside the student's and kept for the
+    chunk's sweeps (two [chunk, V_r] buffers in all)."""
+
+    def __init__(self, run: "_Chunker"):
+        self.run = run
+        self.buf = run.buffer(run.chunk_rows)
+        self.logits = None
+
+    def rows(self, rows: slice) -> TeacherRows:
+        r = self.run
+        t = _logits(r.ht[rows], r.wt, r.bt, r.o.tau, r.cdtype, self.buf)
+        summary = r.summarise_teacher([(0, t.shape[0], t)], t.shape[0])
+        self.logits = t.sub_(summary.lse[:, None])
+        return summary
+
+    def blocks(self, rows: slice):
+        yield 0, rows.stop - rows.start, self.logits
+
+
+class _StreamedTeacher:
+    """After TAD's pre-pass K, the log-normaliser and log aT of every position are known, so
+    the sweep needs the teacher's logits element-wise only: they are made ``teacher_rows``
+    rows at a time (``_TEACHER_ELEMENTS``), used once and dropped, and a chunk costs one
+    [chunk, V_r] buffer (the student's) plus a [teacher rows, V_r] one."""
+
+    def __init__(self, run: "_Chunker"):
+        self.run = run
+        self.summary = run.teacher_prepass()
+
+    def rows(self, rows: slice) -> TeacherRows:
+        return self.summary[rows]
+
+    def blocks(self, rows: slice):
+        lse = self.summary.lse[rows]
+        for b0, b1, t in self.run.raw_teacher_blocks(rows):
+            yield b0, b1, t.sub_(lse[b0:b1, None])
 
 
 class _Chunker:
-    """Runs the passes of one call on the gathered positions of the loss group.
+    """Runs one call on the gathered positions of the loss group, chunk by chunk.
 
-    Two shapes of main pass, sharing every element-wise step (``_partials``, ``_grad``):
-
-    * **one pass** (forward KL, reverse KL, JSD, CE only, and TAD when every document lies
-      inside one chunk): teacher and student logits of the chunk side by side. Per chunk the group
-      talks three times (spec, "Vocabulary-sharded form"):
-      1. all-gather of per-rank candidates: teacher top-k (values, global ids) and sum of exp
-         relative to the rank's max; student max, argmax and sum of exp -> every rank knows
-         the global top-k K, both log-normalisers and the student's argmax;
-      2. MAX all-reduce of the two tails' local maxima (outside K) -> sums over the tails are
-         taken relative to their exact maxima, so log aT and log aS are exact in log space
-         even when a tail is thousands of nats below the top;
-      3. one SUM all-reduce of every per-token partial sum (``partial_names``).
-    * **TAD with a teacher pre-pass** (a document's valid positions span chunks): the
-      pre-pass leaves K, the teacher's log-normaliser and log aT of every position, so the
-      main pass needs the teacher only element-wise. The student's logits of the chunk sit in one buffer;
-      the teacher's are made ``teacher_rows`` rows at a time (``_TEACHER_ELEMENTS``), used
-      once (partial sums and the gradient in the same sweep) and dropped: the extra memory
-      is one [chunk, V_r] buffer plus a [teacher rows, V_r] one, about half of the one-pass
-      shape. Per chunk the group talks twice: an all-gather of the student's candidates
-      with its local tail (maximum, sum of exp outside K, both known before any exchange
-      since K is), and the SUM of the partial sums after the sweep (TAD's gradient needs
-      none of them).
+    Per chunk (spec, "Vocabulary-sharded form"; the exchanges are the only collectives):
+      1. the teacher: per rank its top-(k+1) candidates, sum of exp, sum of exp beyond its
+         own top-k and a non-finite flag; one all-gather -> K, log-normaliser, log aT
+         (``summarise_teacher``; after TAD's pre-pass this is already known);
+      2. the student: per rank max, argmax, sum of exp and its tail's (max, sum of exp),
+         computable before any exchange because K is known; one all-gather -> log-normaliser,
+         argmax, log aS (``student_rows``);
+      3. one sweep over row blocks: the per-token partial sums and, unless the divergence's
+         gradient needs the reduced sums, the gradient w.r.t. the student's logits, written
+         in place; one SUM all-reduce of the partial sums (``sums``);
+      4. (reverse KL, JSD) a second sweep for the gradient; then the two backward matmuls.
     """
+
+    COMMON_SUMS = Columns.of("kl_top", "kl_tail", "plogp", "qlogq", "lq_label")
 
     def __init__(self, *, opts: _Opts, layout: _Layout, hs, ws, bs, ht, wt, bt, labels, valid, docs, cdtype):
         self.o, self.L, self.docs = opts, layout, docs
+        self.hook = HOOKS[opts.divergence]
         self.hs, self.ws, self.bs, self.ht, self.wt, self.bt = hs, ws, bs, ht, wt, bt
         self.labels, self.valid, self.cdtype = labels, valid, cdtype
-        self.k_pad = opts.k + 1
         self.kk = min(opts.k + 1, layout.vocab_local)
         self.raw_ce = opts.tau != 1.0  # CE (loss term and stat) is at tau = 1
+        self.positions = hs.shape[0]
+        self.chunk_size = opts.chunk_size
         self.chunk_rows = min(opts.chunk_size, hs.shape[0])
         elems = _TEACHER_ELEMENTS_CUDA if hs.device.type == "cuda" else _TEACHER_ELEMENTS
         self.teacher_rows = max(1, min(self.chunk_rows, elems // layout.vocab_local))
-        self.t_buf = self.s_buf = None  # allocated by run(), sized for the pass it takes
+        self.teacher_cols = teacher_columns(opts.k)
+        self.student_cols = student_columns(raw_ce=self.raw_ce)
+        self.sum_cols = sum_columns(opts.divergence)
 
-    def candidates(self, x):
-        return _local_candidates(x, self.kk, self.L.vocab_offset, self.k_pad)
+    def buffer(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, self.L.vocab_local, dtype=self.cdtype, device=self.hs.device)
 
-    def teacher_global(self, vals, idx, sumexp):
-        """Per-rank candidates [P, c, k] (values, ids) and sums of exp [P, c] (relative to
-        each rank's max, vals[..., 0]) -> global top-k ids [c, k], log-normaliser [c]."""
-        k, c = self.o.k, vals.shape[1]
-        _, top = merge_topk(vals.permute(1, 0, 2).reshape(c, -1), idx.permute(1, 0, 2).reshape(c, -1), k)
-        _, lse = merge_lse(vals[..., 0], sumexp)
-        return top.long(), lse
+    # -- the teacher ----------------------------------------------------------------------
+    def in_chunk_teacher(self) -> _InChunkTeacher:
+        return _InChunkTeacher(self)
 
-    def localise(self, top):
-        off, vl = self.L.vocab_offset, self.L.vocab_local
-        owned = (top >= off) & (top < off + vl)
-        return torch.where(owned, top - off, torch.zeros_like(top)), owned
+    def streamed_teacher(self) -> _StreamedTeacher:
+        return _StreamedTeacher(self)
 
-    def tail_sum(self, x, tail_max, top_local, owned):
-        """sum over this rank's tail entries of exp(x - tail_max), row-blocked."""
-        out = x.new_empty(x.shape[0])
-        for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
-            # Top-k entries lie above the tail's max: clamp so their exp cannot overflow before
-            # they are zeroed (tail entries are <= 0 anyway).
-            s = torch.sub(x[r0:r1], tail_max[r0:r1, None]).clamp_(max=0.0).exp_()
-            _add_at(s, top_local[r0:r1], owned[r0:r1], -s.gather(1, top_local[r0:r1]))
-            out[r0:r1] = s.sum(-1)
-        return out
+    def summarise_teacher(self, raw_blocks, c: int) -> TeacherRows:
+        """Step 1 for the c positions of a chunk, from its raw logits in row blocks."""
+        k, dt = self.o.k, self.cdtype
+        mine = self.teacher_cols.zeros(c, like=self.hs.new_empty((), dtype=dt))
+        for b0, b1, t in raw_blocks:
+            vals, ids, sumexp = _local_candidates(t, self.kk, self.L.vocab_offset, k + 1)
+            self.teacher_cols.write(
+                mine, slice(b0, b1), values=vals, ids=ids[:, :k], sumexp=sumexp,
+                rest_sumexp=self.rest_sum(t, vals, ids), nonfinite=self.nonfinite_rows(t, vals),
+            )
+        g = vp.all_gather_stats(mine, self.L.group)
+        return _teacher_from_candidates(self.teacher_cols.unpack(g), k)
+
+    def teacher_prepass(self) -> TeacherRows:
+        """TAD with a document spanning chunks: step 1 for every position first, the teacher's
+        logits streamed in row blocks (one extra teacher lm_head matmul in all)."""
+        parts = []
+        for c0 in range(0, self.positions, self.chunk_size):
+            rows = slice(c0, min(c0 + self.chunk_size, self.positions))
+            parts.append(self.summarise_teacher(self.raw_teacher_blocks(rows), rows.stop - rows.start))
+        return TeacherRows(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TeacherRows)))
+
+    @functools.cached_property
+    def stream_buf(self) -> torch.Tensor:
+        return self.buffer(self.teacher_rows)
+
+    def raw_teacher_blocks(self, rows: slice):
+        """The teacher's raw logits of a chunk, ``teacher_rows`` rows at a time."""
+        for b0 in range(0, rows.stop - rows.start, self.teacher_rows):
+            b1 = min(b0 + self.teacher_rows, rows.stop - rows.start)
+            h = self.ht[rows.start + b0 : rows.start + b1]
+            yield b0, b1, _logits(h, self.wt, self.bt, self.o.tau, self.cdtype, self.stream_buf)
 
     def rest_sum(self, x, vals, idx):
         """sum of exp(x - vals[:, k]) over the entries outside the rank's own top-k (0 if the
@@ -449,252 +454,144 @@ class _Chunker:
             return out
         local = idx[:, :k].long() - self.L.vocab_offset
         for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
+            # Clamped: the top-k entries (zeroed next) lie above vals[:, k] and could overflow.
             s = torch.sub(x[r0:r1], vals[r0:r1, k : k + 1]).clamp_(max=0.0).exp_()
             out[r0:r1] = s.scatter_(1, local[r0:r1], 0.0).sum(-1)
         return out
-
-    def teacher_prepass(self):
-        """TAD with several chunks: K, log-normaliser and log aT of every position first.
-
-        The teacher's logits exist ``teacher_rows`` rows at a time and are consumed before
-        the exchange: rank r's tail is the set of its entries outside its own top-k (their
-        max is its (k+1)-th value; the rank sends their sum of exp relative to it) plus
-        those of its own top-k that the global K leaves out (values it sends anyway), because
-        K restricted to a rank is always part of that rank's own top-k (same tie rule). So
-        one all-gather per chunk gives log aT exactly, in log space, with no second look at
-        the logits.
-        """
-        n, k = self.hs.shape[0], self.o.k
-        dev, dt = self.hs.device, self.cdtype
-        top = torch.empty(n, k, dtype=torch.long, device=dev)
-        lse = torch.empty(n, dtype=dt, device=dev)
-        log_at = torch.empty_like(lse)
-        bad = torch.zeros((), dtype=dt, device=dev)
-        for c0 in range(0, n, self.o.chunk_size):
-            c1 = min(c0 + self.o.chunk_size, n)
-            # per rank and position: k+1 values, k ids, sum of exp, rest sum, non-finite flag
-            mine = torch.empty(c1 - c0, 2 * k + 4, dtype=dt, device=dev)
-            for b0 in range(c0, c1, self.teacher_rows):
-                b1 = min(b0 + self.teacher_rows, c1)
-                t = _logits(self.ht[b0:b1], self.wt, self.bt, self.o.tau, dt, self.t_buf)
-                vals, idx, z = self.candidates(t)
-                mine[b0 - c0 : b1 - c0] = torch.cat(
-                    [vals, idx[:, :k], z[:, None], self.rest_sum(t, vals, idx)[:, None],
-                     self.nonfinite_rows(t, vals)[:, None]], 1,
-                )
-            g = vp.all_gather_stats(mine, self.L.group)
-            vals, ids = g[..., : k + 1], g[..., k + 1 : 2 * k + 1]
-            top_c, lse_c = self.teacher_global(vals[..., :k], ids, g[..., 2 * k + 1])
-            # The tail: every rank's rest (max vals[..., k]) and its candidates outside K.
-            in_top = (ids.long()[..., None] == top_c[None, :, None, :]).any(-1)
-            out_k = torch.where(in_top, torch.full_like(ids, float("-inf")), vals[..., :k])
-            rest_max, rest = vals[..., k], g[..., 2 * k + 2]
-            tmax = torch.maximum(out_k.amax(-1), rest_max).amax(0)
-            tail = (rest * torch.exp(rest_max - tmax)).sum(0) + torch.exp(out_k - tmax[:, None]).sum((0, 2))
-            top[c0:c1], lse[c0:c1] = top_c, lse_c
-            log_at[c0:c1] = tmax + torch.log(tail) - lse_c
-            bad += (g[..., 2 * k + 3].sum(0) * self.valid[c0:c1]).sum()
-        return top, lse, log_at, bad
 
     def nonfinite_rows(self, t, vals):
         # NaN propagates through max/min; an inf anywhere shows in one of them.
         ok = torch.isfinite(vals[:, 0]) & torch.isfinite(t.amin(-1))
         return (~ok).to(self.cdtype)
 
-    # -- pieces shared by both main passes -------------------------------------------------
+    # -- the student ----------------------------------------------------------------------
+    def student_rows(self, s, top_local, owned) -> StudentRows:
+        """Step 2 on the chunk's student logits (raw, at temperature tau)."""
+        mine = self.student_cols.zeros(s.shape[0], like=s)
+        for r0, r1 in _blocks(*s.shape, s.device):
+            x = s[r0:r1]
+            smax, sarg = x.max(-1)  # ties: the first index (documented), i.e. the lowest id
+            tail = x.clone()
+            add_at(tail, top_local[r0:r1], owned[r0:r1], float("-inf"))  # K out of the tail
+            tmax = tail.amax(-1)
+            tsum = tail.sub_(tmax[:, None]).exp_().sum(-1)
+            pieces = dict(
+                max=smax, argmax=(sarg + self.L.vocab_offset).to(s.dtype),
+                sumexp=torch.sub(x, smax[:, None]).exp_().sum(-1),
+                # -inf: this rank owns no tail entry; its sum is 0, not exp(nan).
+                tail_max=tmax, tail_sumexp=torch.where(torch.isfinite(tmax), tsum, 0.0),
+            )
+            if self.raw_ce:  # CE is at tau = 1: the raw logits' sum of exp, same local max
+                pieces["sumexp_raw"] = torch.sub(x, smax[:, None]).mul_(self.o.tau).exp_().sum(-1)
+            self.student_cols.write(mine, slice(r0, r1), **pieces)
+        g = vp.all_gather_stats(mine, self.L.group)
+        return _student_from_candidates(self.student_cols.unpack(g), self.o.tau)
+
+    # -- one chunk ------------------------------------------------------------------------
+    def localise(self, top):
+        off, vl = self.L.vocab_offset, self.L.vocab_local
+        owned = (top >= off) & (top < off + vl)
+        return torch.where(owned, top - off, torch.zeros_like(top)), owned
+
     def labels_local(self, rows):
         L = self.L
         lab = self.labels[rows]
         owned = self.valid[rows] & (lab >= L.vocab_offset) & (lab < L.vocab_offset + L.vocab_local)
         return torch.where(owned, lab - L.vocab_offset, torch.zeros_like(lab)), owned
 
-    def student_normalisers(self, g, raw_col):
-        """Gathered student (max, argmax, sum of exp[, sum of exp at tau=1]) -> global lse,
-        argmax and (tau != 1) CE's log-normaliser."""
-        smax, lse_s = merge_lse(g[..., 0], g[..., 2])
-        # argmax: ranks hold vocabulary slices in order, so the first rank holding the max
-        # has the lowest index among ties.
-        first = torch.where(g[..., 0] == smax, g[..., 1], torch.full_like(g[..., 1], float(2**24)))
-        lse_raw = merge_lse(self.o.tau * g[..., 0], g[..., raw_col])[1] if self.raw_ce else None
-        return lse_s, first.amin(0).long(), lse_raw
+    def chunk(self, rows: slice, plan: TeacherPlan):
+        """Steps 1-4 for one chunk -> (per-token stats rows, count of non-finite teachers)."""
+        L, hook = self.L, self.hook
+        t = plan.teacher.rows(rows)
+        top_local, owned = self.localise(t.top)
+        s = _logits(self.hs[rows], self.ws, self.bs, self.o.tau, self.cdtype, self.s_buf)
+        st = self.student_rows(s, top_local, owned)
+        s.sub_(st.lse[:, None])
+        vf = self.valid[rows].to(self.cdtype)
+        lab_local, lab_owned = self.labels_local(rows)
+        beta_x = plan.beta_x(rows, t)
+        cr = _ChunkRows(
+            rows, top_local, owned, lab_local, lab_owned, st.lse, st.lse_raw, beta_x,
+            t.log_tail - st.log_tail,
+            # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
+            kd_row=(self.o.kd_weight * self.o.tau) * vf, ce_row=self.o.ce_weight * vf,
+        )
+        sums = self.sum_cols.zeros(rows.stop - rows.start, like=s)
+        cols = self.sum_cols.unpack(sums)
+        grad_now = L.needs_grad and not hook.grad_needs_sums
+        for r0, r1, blk in self.sweep(plan.teacher, s, cr):
+            self.partials(blk, cols, r0, r1, cr)
+            if grad_now:
+                self.grad(blk, r0, r1, cr)
+        tok = self.sum_cols.unpack(vp.all_reduce_sum(sums, L.group))
+        if L.needs_grad and hook.grad_needs_sums:
+            for r0, r1, blk in self.sweep(plan.teacher, s, cr, sums=tok):
+                self.grad(blk, r0, r1, cr)
+        if L.needs_grad:
+            self.grad_matmuls(s, rows)
+        return self.finish(tok, cr, t, st), (t.nonfinite * vf).sum()
 
-    def raw_sumexp(self, s, smax_local):
-        # CE is at tau = 1: the student's sum of exp of the raw logits, same local max.
-        raw = torch.empty(s.shape[0], dtype=s.dtype, device=s.device)
-        for r0, r1 in _blocks(*s.shape, s.device):
-            raw[r0:r1] = torch.sub(s[r0:r1], smax_local[r0:r1, None]).mul_(self.o.tau).exp_().sum(-1)
-        return raw
+    def sweep(self, teacher, s, cr: _ChunkRows, sums=None):
+        """Row blocks of the chunk: (first row, end row, RowBlock), teacher block by block."""
+        for b0, b1, log_p in teacher.blocks(cr.rows):
+            for r0, r1 in _blocks(b1 - b0, self.L.vocab_local, s.device):
+                a, b = b0 + r0, b0 + r1
+                yield a, b, RowBlock(
+                    log_p=log_p[r0:r1], log_q=s[a:b], top_local=cr.top_local[a:b],
+                    top_owned=cr.top_owned[a:b], beta_x=cr.beta_x[a:b], log_ratio=cr.log_ratio[a:b],
+                    jsd_beta=self.o.jsd_beta, sums={} if sums is None else {n: v[a:b] for n, v in sums.items()},
+                )
 
-    def _partials(self, blk, cols, r0, r1, lab_local, lab_owned, lse_s, lse_raw):
+    def partials(self, blk: RowBlock, cols: dict, r0: int, r1: int, cr: _ChunkRows) -> None:
         """Per-token partial sums of one row block (rows r0:r1 of the chunk) into ``cols``."""
         p_top = blk.p.gather(1, blk.top_local)
         d_top = blk.diff.gather(1, blk.top_local)
         cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
-        cols["plogp"][r0:r1] = _rowdot(blk.p, blk.log_p)
-        cols["qlogq"][r0:r1] = _rowdot(blk.q, blk.log_q)
-        for nm, v in _DIVERGENCES[self.o.divergence].partial_fn(blk).items():
-            cols[nm][r0:r1] = v
+        cols["plogp"][r0:r1] = rowdot(blk.p, blk.log_p)
+        cols["qlogq"][r0:r1] = rowdot(blk.q, blk.log_q)
+        for name, v in self.hook.partials(blk).items():
+            cols[name][r0:r1] = v
         blk.add_at_top(blk.p, -p_top)  # p restricted to the tail: exact zeros at K
-        cols["kl_tail"][r0:r1] = _rowdot(blk.p, blk.diff)
+        cols["kl_tail"][r0:r1] = rowdot(blk.p, blk.diff)
         blk.add_at_top(blk.p, p_top)  # and back: 0 + p_j is p_j exactly
-        lq = blk.log_q.gather(1, lab_local[r0:r1, None]).squeeze(1)
-        if self.raw_ce:
-            lq = self.o.tau * (lq + lse_s[r0:r1]) - lse_raw[r0:r1]
-        cols["lq_label"][r0:r1] = torch.where(lab_owned[r0:r1], lq, 0.0)
+        lq = blk.log_q.gather(1, cr.lab_local[r0:r1, None]).squeeze(1)
+        if cr.lse_raw is not None:
+            lq = self.o.tau * (lq + cr.lse_s[r0:r1]) - cr.lse_raw[r0:r1]
+        cols["lq_label"][r0:r1] = torch.where(cr.lab_owned[r0:r1], lq, 0.0)
 
-    def _grad(self, blk, r0, r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw):
+    def grad(self, blk: RowBlock, r0: int, r1: int, cr: _ChunkRows) -> None:
         """d(loss)/d(student logits) of one row block, written in place over its log q."""
-        o = self.o
         q1 = None
-        if o.ce_weight != 0.0:
+        if self.o.ce_weight != 0.0:
             # CE's softmax at tau = 1, formed before the block's log q is overwritten.
-            q1 = blk.q if lse_raw is None else (
-                (blk.log_q + lse_s[r0:r1, None]).mul_(o.tau).sub_(lse_raw[r0:r1, None]).exp_()
+            q1 = blk.q if cr.lse_raw is None else (
+                (blk.log_q + cr.lse_s[r0:r1, None]).mul_(self.o.tau).sub_(cr.lse_raw[r0:r1, None]).exp_()
             )
-        blk.q, blk.p  # noqa: B018  (materialise before ``out`` overwrites log q)
-        blk.out = blk.log_q
-        _DIVERGENCES[o.divergence].grad_fn(blk)
-        g = blk.out.mul_(kd_row[r0:r1, None])
+        blk.q, blk.p  # noqa: B018  (materialise before the gradient overwrites log q)
+        out = blk.log_q
+        self.hook.grad(blk, out)
+        out.mul_(cr.kd_row[r0:r1, None])
         if q1 is not None:
-            g.addcmul_(q1, ce_row[r0:r1, None])
-            _add_at(g, lab_local[r0:r1, None], lab_owned[r0:r1, None], -ce_row[r0:r1, None])
+            out.addcmul_(q1, cr.ce_row[r0:r1, None])
+            add_at(out, cr.lab_local[r0:r1, None], cr.lab_owned[r0:r1, None], -cr.ce_row[r0:r1, None])
 
-    def row_scales(self, rows):
-        vf = self.valid[rows].to(self.cdtype)
-        # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
-        return (self.o.kd_weight * self.o.tau) * vf, self.o.ce_weight * vf
-
-    def finish(self, tok, rows, top, s_argmax, log_at, log_as, beta_x_all):
+    def finish(self, tok: dict, cr: _ChunkRows, t: TeacherRows, st: StudentRows):
         """Per-token values from the reduced sums (identical on every rank of the group)."""
         o = self.o
-        a_t, a_s = log_at.exp(), log_as.exp()
-        bucket = torch.where(a_t > 0, a_t * (log_at - log_as), 0.0)
+        a_t, a_s = t.log_tail.exp(), st.log_tail.exp()
+        bucket = torch.where(a_t > 0, a_t * (t.log_tail - st.log_tail), 0.0)
         kl = tok["kl_top"] + tok["kl_tail"]
-        tok.update(
-            kl=kl, d1=tok["kl_top"] + bucket, at_d2=tok["kl_tail"] - bucket, a_t=a_t, a_s=a_s,
-            jsd_beta=o.jsd_beta,
-        )
-        if o.divergence == "tad":
-            # Without the pre-pass every document's valid positions lie inside this chunk.
-            tok["beta_x"] = self.beta_from(a_t, rows) if beta_x_all is None else beta_x_all[rows]
-        else:
-            tok["beta_x"] = torch.zeros_like(kl)
-        vf = self.valid[rows].to(self.cdtype)
-        kd = _DIVERGENCES[o.divergence].value_fn(tok) * (o.tau**2)
+        tok = dict(tok, kl=kl, d1=tok["kl_top"] + bucket, at_d2=tok["kl_tail"] - bucket, beta_x=cr.beta_x)
+        kd = self.hook.value(tok, o.jsd_beta) * (o.tau**2)
+        vf = self.valid[cr.rows].to(self.cdtype)
         return torch.stack(
             [
                 vf, -tok["lq_label"], kd, kl, tok["d1"], tok["at_d2"], a_t, a_s, -tok["plogp"],
-                -tok["qlogq"], (top[:, 0] == s_argmax).to(self.cdtype), tok["beta_x"], a_t * a_t,
+                -tok["qlogq"], (t.top[:, 0] == st.argmax).to(self.cdtype), cr.beta_x, a_t * a_t,
                 a_s * a_s,
             ],
             1,
         ) * vf[:, None]
-
-    def _block(self, t, s, r0, r1, top_local, owned, **extra):
-        return _Block(
-            log_p=t[r0:r1], log_q=s[r0:r1], top_local=top_local[r0:r1], top_owned=owned[r0:r1],
-            jsd_beta=self.o.jsd_beta, **extra,
-        )
-
-    # -- one chunk, teacher and student side by side ----------------------------------------
-    def chunk(self, c0, c1):
-        o, L, k = self.o, self.L, self.o.k
-        rows = slice(c0, c1)
-        t = _logits(self.ht[rows], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
-        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
-        tv, ti, tz = self.candidates(t)
-        t_bad = self.nonfinite_rows(t, tv)
-        sv, si, sz = self.candidates(s)
-        parts = [tv[:, :k], ti[:, :k], tz[:, None], sv[:, :1], si[:, :1], sz[:, None]]
-        if self.raw_ce:
-            parts.append(self.raw_sumexp(s, sv[:, 0])[:, None])
-        g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
-        top, lse_t = self.teacher_global(g[..., :k], g[..., k : 2 * k], g[..., 2 * k])
-        lse_s, s_argmax, lse_raw = self.student_normalisers(g[..., 2 * k + 1 :], 3)
-        tail_max = vp.all_reduce_max(torch.stack([_tail_max(tv, ti, top), _tail_max(sv, si, top)], 1), L.group)
-        t_tmax, s_tmax = tail_max[:, 0], tail_max[:, 1]
-        top_local, owned = self.localise(top)
-        lab_local, lab_owned = self.labels_local(rows)
-
-        # Tail sums, normalisation to log p / log q in place, partial sums.
-        names = partial_names(o.divergence, streamed=False)
-        cols = {nm: torch.zeros(c1 - c0, dtype=self.cdtype, device=s.device) for nm in names}
-        cols["t_tail"] = self.tail_sum(t, t_tmax, top_local, owned)
-        cols["t_bad"] = t_bad
-        cols["s_tail"] = self.tail_sum(s, s_tmax, top_local, owned)
-        t.sub_(lse_t[:, None])
-        s.sub_(lse_s[:, None])
-        for r0, r1 in _blocks(c1 - c0, L.vocab_local, s.device):
-            self._partials(self._block(t, s, r0, r1, top_local, owned), cols, r0, r1,
-                           lab_local, lab_owned, lse_s, lse_raw)
-        sums = vp.all_reduce_sum(torch.stack([cols[nm] for nm in names], 1), L.group)
-        tok = {nm: sums[:, i] for i, nm in enumerate(names)}
-        log_at = t_tmax + torch.log(tok["t_tail"]) - lse_t
-        log_as = s_tmax + torch.log(tok["s_tail"]) - lse_s
-        per_tok = self.finish(tok, rows, top, s_argmax, log_at, log_as, None)
-        bad = (tok["t_bad"] * self.valid[rows].to(self.cdtype)).sum()
-        if not L.needs_grad:
-            return per_tok, bad
-
-        # The gradient needs the reduced sums (beta(X) of a lone chunk, reverse KL, JSD).
-        kd_row, ce_row = self.row_scales(rows)
-        log_ratio = log_at - log_as
-        for r0, r1 in _blocks(c1 - c0, L.vocab_local, t.device):
-            blk = self._block(
-                t, s, r0, r1, top_local, owned,
-                tok={k_: v[r0:r1] for k_, v in tok.items() if torch.is_tensor(v)},
-                beta_x=tok["beta_x"][r0:r1], log_ratio=log_ratio[r0:r1],
-            )
-            self._grad(blk, r0, r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw)
-        self.grad_matmuls(s, rows)
-        return per_tok, bad
-
-    # -- one chunk of TAD after the pre-pass: the teacher streamed in row blocks -------------
-    def chunk_streamed(self, c0, c1, cache, beta_x_all):
-        o, L = self.o, self.L
-        rows = slice(c0, c1)
-        top, lse_t, log_at = (x[rows] for x in cache)
-        top_local, owned = self.localise(top)
-        s = _logits(self.hs[rows], self.ws, self.bs, o.tau, self.cdtype, self.s_buf)
-        sv, si, sz = self.candidates(s)
-        # K is known, so each rank sums its own tail before any exchange (relative to its own
-        # tail max; -inf when it owns no tail entry, whose sum is then 0, not exp(nan)).
-        tmax_local = _tail_max(sv, si, top)
-        tail_local = self.tail_sum(s, tmax_local, top_local, owned)
-        tail_local = torch.where(torch.isfinite(tmax_local), tail_local, 0.0)
-        parts = [sv[:, :1], si[:, :1], sz[:, None], tmax_local[:, None], tail_local[:, None]]
-        if self.raw_ce:
-            parts.append(self.raw_sumexp(s, sv[:, 0])[:, None])
-        g = vp.all_gather_stats(torch.cat(parts, 1), L.group)
-        lse_s, s_argmax, lse_raw = self.student_normalisers(g, 5)
-        log_as = merge_lse(g[..., 3], g[..., 4])[1] - lse_s
-        s.sub_(lse_s[:, None])
-        lab_local, lab_owned = self.labels_local(rows)
-        beta_x = beta_x_all[rows]
-        log_ratio = log_at - log_as
-        kd_row, ce_row = self.row_scales(rows)
-
-        names = partial_names(o.divergence, streamed=True)
-        cols = {nm: torch.zeros(c1 - c0, dtype=self.cdtype, device=s.device) for nm in names}
-        for b0 in range(0, c1 - c0, self.teacher_rows):
-            b1 = min(b0 + self.teacher_rows, c1 - c0)
-            t = _logits(self.ht[c0 + b0 : c0 + b1], self.wt, self.bt, o.tau, self.cdtype, self.t_buf)
-            t.sub_(lse_t[b0:b1, None])
-            for r0, r1 in _blocks(b1 - b0, L.vocab_local, s.device):
-                blk = _Block(
-                    log_p=t[r0:r1], log_q=s[b0 + r0 : b0 + r1], top_local=top_local[b0 + r0 : b0 + r1],
-                    top_owned=owned[b0 + r0 : b0 + r1], jsd_beta=o.jsd_beta,
-                    beta_x=beta_x[b0 + r0 : b0 + r1], log_ratio=log_ratio[b0 + r0 : b0 + r1],
-                )
-                self._partials(blk, cols, b0 + r0, b0 + r1, lab_local, lab_owned, lse_s, lse_raw)
-                if L.needs_grad:
-                    self._grad(blk, b0 + r0, b0 + r1, kd_row, ce_row, lab_local, lab_owned, lse_s, lse_raw)
-        sums = vp.all_reduce_sum(torch.stack([cols[nm] for nm in names], 1), L.group)
-        tok = {nm: sums[:, i] for i, nm in enumerate(names)}
-        per_tok = self.finish(tok, rows, top, s_argmax, log_at, log_as, beta_x_all)
-        if L.needs_grad:
-            self.grad_matmuls(s, rows)
-        return per_tok
 
     def grad_matmuls(self, g, rows):
         """The two backward matmuls of a chunk, accumulated straight into the call's gradient
@@ -710,6 +607,7 @@ class _Chunker:
         if self.gb is not None:
             self.gb += gs.sum(0)
 
+    # -- TAD's beta(X) --------------------------------------------------------------------
     def beta_from(self, a_t, rows=slice(None)):
         seg = document_segments(self.docs[rows])
         return per_document_beta(a_t, self.valid[rows], seg, self.o.beta)
@@ -718,7 +616,8 @@ class _Chunker:
         """Do the valid positions of every document lie inside one chunk? Then each chunk's
         beta(X) is final within the chunk and TAD needs no pre-pass (spec, "Chunked form"):
         e.g. rows of T <= chunk_size positions with chunk_size a multiple of T, documents
-        inside rows. One host sync; the answer is the same on every rank of the group."""
+        inside rows. A per-call host sync (before the chunk loop): the answer decides the
+        plan; it is the same on every rank of the group."""
         n = self.docs.shape[0]
         seg = document_segments(self.docs)
         chunk = torch.arange(n, device=seg.device) // self.o.chunk_size
@@ -729,11 +628,8 @@ class _Chunker:
         return bool((hi <= lo).all())
 
     def run(self):
-        n = self.hs.shape[0]
-        dev, dt, v_r = self.hs.device, self.cdtype, self.L.vocab_local
-        streamed = self.o.divergence == "tad" and n > self.o.chunk_size and not self.documents_within_chunks()
-        self.s_buf = torch.empty(self.chunk_rows, v_r, dtype=dt, device=dev)
-        self.t_buf = torch.empty(self.teacher_rows if streamed else self.chunk_rows, v_r, dtype=dt, device=dev)
+        n, dev, dt = self.positions, self.hs.device, self.cdtype
+        self.s_buf = self.buffer(self.chunk_rows)
         per_tok = torch.zeros(n, len(STAT_KEYS), dtype=dt, device=dev)
         self.gh = self.gw = self.gb = None
         if self.L.needs_grad:
@@ -741,18 +637,13 @@ class _Chunker:
             self.gh = torch.empty(n, self.hs.shape[1], dtype=acc, device=dev)
             self.gw = torch.zeros(self.ws.shape, dtype=acc, device=dev)
             self.gb = torch.zeros(self.ws.shape[0], dtype=acc, device=dev) if self.bs is not None else None
-        bad_total = torch.zeros((), dtype=dt, device=dev)
-        if streamed:
-            top, lse, log_at, bad_total = self.teacher_prepass()
-            beta_x_all = self.beta_from(log_at.exp())
-        for c0 in range(0, n, self.o.chunk_size):
-            c1 = min(c0 + self.o.chunk_size, n)
-            if streamed:
-                per_tok[c0:c1] = self.chunk_streamed(c0, c1, (top, lse, log_at), beta_x_all)
-            else:
-                per_tok[c0:c1], bad = self.chunk(c0, c1)
-                bad_total = bad_total + bad
-        return per_tok, bad_total, (self.gh, self.gw, self.gb)
+        plan = self.hook.plan(self)  # TAD: the teacher pre-pass here when a document spans chunks
+        nonfinite = torch.zeros((), dtype=dt, device=dev)
+        for c0 in range(0, n, self.chunk_size):
+            rows = slice(c0, min(c0 + self.chunk_size, n))
+            per_tok[rows], bad = self.chunk(rows, plan)
+            nonfinite += bad
+        return per_tok, nonfinite, (self.gh, self.gw, self.gb)
 
 
 class _FusedDistill(torch.autograd.Function):
@@ -831,6 +722,32 @@ class _FusedDistill(torch.autograd.Function):
         )
 
 
+def _check_call(sh, sw, th, tw, labels, doc_ids, sb, tb, *, k, beta, temperature, divergence, jsd_beta,
+                ce_weight, kd_weight, chunk_size, vocab_group) -> _Layout:
+    """Every check of a call's arguments, agreed across the loss group -> its layout."""
+    local_problem = None
+    try:
+        check_loss_args(k=k, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (positions per chunk)")
+    except ValueError as e:
+        if vocab_group is None:
+            raise
+        local_problem = str(e)
+    if local_problem is None:
+        local_problem = _local_problems(sh, sw, th, tw, labels, doc_ids, sb, tb)
+    if local_problem is not None and vocab_group is None:
+        raise ValueError(local_problem)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (sh, sw, sb))
+    settings = [
+        k if isinstance(k, int) else -1,
+        DIVERGENCES.index(divergence) if divergence in DIVERGENCES else -1,
+        _float_bits(beta), _float_bits(temperature), _float_bits(ce_weight), _float_bits(kd_weight),
+        _float_bits(jsd_beta), int(sb is not None), int(tb is not None),
+    ]
+    return _agree(local_problem, sh=sh, sw=sw, tw=tw, needs_grad=needs_grad, settings=settings, group=vocab_group)
+
+
 def fused_linear_distill(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -884,39 +801,15 @@ def fused_linear_distill(
         at temperature tau without tau^2, ``kd`` as it enters the loss; a_t_sq / a_s_sq (sums
         of squares) give the tail masses' spread.
 
-    Host syncs: two per call (the group's layout before allocating, and the finiteness /
-    label check at the end), one more for TAD over several chunks (does every document fit
-    inside a chunk? then no pre-pass is needed), plus one per row block where the top-k
-    check looks for ties.
+    Host syncs, per call and never inside the chunk loop: the group's layout before
+    allocating, TAD's "does every document fit inside a chunk?" (is a pre-pass needed) and the
+    finiteness / label check at the end. On a CPU (where syncs cost nothing) and for float64
+    the top-k also checks each row block for ties at its boundary (``topk_lowest_index``).
     """
-    local_problem = None
-    try:
-        check_loss_args(k=k, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (positions per chunk)")
-    except ValueError as e:
-        if vocab_group is None:
-            raise
-        local_problem = str(e)
-    if local_problem is None:
-        local_problem = _local_problems(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, doc_ids,
-            student_bias, teacher_bias,
-        )
-    if local_problem is not None and vocab_group is None:
-        raise ValueError(local_problem)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
-    settings = [
-        k if isinstance(k, int) else -1,
-        DIVERGENCES.index(divergence) if divergence in DIVERGENCES else -1,
-        _float_bits(beta), _float_bits(temperature), _float_bits(ce_weight), _float_bits(kd_weight),
-        _float_bits(jsd_beta), int(student_bias is not None), int(teacher_bias is not None),
-    ]
-    layout = _agree(
-        local_problem, sh=student_hidden, sw=student_weight, tw=teacher_weight,
-        needs_grad=needs_grad, settings=settings, group=vocab_group,
+    layout = _check_call(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, doc_ids, student_bias,
+        teacher_bias, k=k, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+        ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=chunk_size, vocab_group=vocab_group,
     )
     opts = _Opts(
         divergence=divergence, k=k, beta=float(beta), tau=float(temperature),

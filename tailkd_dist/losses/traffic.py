@@ -6,7 +6,7 @@ the parallel layer below never imports the loss.
 """
 from __future__ import annotations
 
-from .fused import partial_names
+from .fused import student_columns, sum_columns, teacher_columns
 
 
 def loss_numbers_per_token(
@@ -15,26 +15,18 @@ def loss_numbers_per_token(
     """Numbers per token in the loss's scalar collectives (what CommCounter.numbers_per_token
     measures), for a loss group of ``group_size`` ranks.
 
-    Per chunk: (1) all-gather, per rank, of the teacher's top-k values and global ids and its
-    sum of exp (2k+1), and the student's max, argmax and sum of exp (3; one more sum of exp at
-    temperature 1 when tau != 1, for CE); (2) MAX all-reduce of the teacher's and the student's
-    tail maxima (2); (3) one SUM all-reduce of the per-token partial sums (``partial_names``).
-
-    Against the spec's estimate (2 + 2Pk + 8) this is 2Pk + 4P + 2 + 8 (tau = 1, TAD or
-    forward KL): the per-rank (max, sum of exp) pairs (4P) replace the spec's MAX of the two
-    maxima and make both normalisers exact in one gather; the MAX of the tails' maxima (2)
-    keeps log aT / log aS exact in log space; the SUM has 8 columns. Reverse KL adds 1 sum,
-    JSD 2, tau != 1 adds P (CE's normaliser at tau = 1).
-
-    With the TAD pre-pass (a document spans chunks) the teacher is seen in row blocks
-    that are gone before any exchange, so every rank sends what the tail needs up front:
-    the pre-pass gathers, per rank, k+1 values (the (k+1)-th is the maximum of the rank's
-    entries outside its own top-k), k ids, the sum of exp, the sum of exp of those outside
-    entries and a non-finite flag (2k+4); the main pass gathers the student's max, argmax,
-    sum of exp and its tail's local (max, sum of exp) (5, +1 at tau != 1) and SUMs the 5
-    common partial sums: P(2k+9) + 5, i.e. 5P - 5 more than one pass, for half the memory.
+    Every position is seen by three exchanges, whether TAD runs its teacher pre-pass or not
+    (``prepass`` only moves the first one earlier): (1) an all-gather, per rank, of the
+    teacher's top-(k+1) values, top-k ids, sum of exp, sum of exp beyond its own top-k and a
+    non-finite flag (2k+4); (2) an all-gather, per rank, of the student's max, argmax, sum of
+    exp and its tail's (max, sum of exp) (5; one more sum of exp at temperature 1 when
+    tau != 1, for CE); (3) one SUM all-reduce of the per-token partial sums (5, reverse KL 6,
+    JSD 7). So P(2k+9) + 5 at tau = 1 for TAD and forward KL: against the spec's estimate
+    (2 + 2Pk + 8) the per-rank sums of exp and tail pieces (9P) replace the MAX of the maxima
+    and make both normalisers and both tail masses exact in log space, and the SUM needs 5
+    columns instead of 8.
     """
-    raw = 1 if temperature != 1.0 else 0
-    if prepass:
-        return group_size * ((2 * k + 4) + (5 + raw)) + len(partial_names(divergence, streamed=True))
-    return group_size * ((2 * k + 1) + (3 + raw)) + 2 + len(partial_names(divergence, streamed=False))
+    del prepass  # the same traffic either way
+    raw = temperature != 1.0
+    return (group_size * (teacher_columns(k).width + student_columns(raw_ce=raw).width)
+            + sum_columns(divergence).width)
