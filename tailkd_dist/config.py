@@ -171,7 +171,9 @@ class LoggingConfig:
     """Console and TensorBoard."""
 
     every_steps: int = 1
-    """Log every N steps."""
+    """Log every N steps. The loss's monitoring statistics (tail masses, entropies, top-1
+    agreement) are computed on those steps only; metrics.jsonl has the losses of every step and
+    the statistics of the logged ones."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tb (rank 0)."""
     progress_bar: bool = True

@@ -120,7 +120,13 @@ def step_scalars(res, cfg) -> dict[str, float]:
         out["tail/beta_x_mean"] = mean("beta_x")
     if cfg.loss.hidden_weight:
         out["loss/hidden_cos"] = mean("hidden_cos")
+    if not getattr(res, "monitored", True):  # a step between logged ones: its losses only
+        out = {k: v for k, v in out.items() if k in _EVERY_STEP or k == f"loss/{cfg.loss.divergence}"}
     return out
+
+
+# What every step reports; the rest needs the loss's monitoring statistics (logged steps).
+_EVERY_STEP = ("loss/total", "loss/ce", "loss/hidden_cos", "optim/lr", "optim/grad_norm")
 
 
 class TensorBoard:

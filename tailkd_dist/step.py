@@ -48,6 +48,7 @@ class StepResult:
     lr: float
     tokens: int
     times: dict[str, float] = field(default_factory=dict)
+    monitored: bool = True  # the loss's monitoring statistics were computed (else NaN in stats)
 
 
 def _to(batch, device):
@@ -60,7 +61,7 @@ def loss_kwargs(cfg: TrainConfig) -> dict:
                 ce_weight=L.ce_weight, kd_weight=L.kd_weight, jsd_beta=L.jsd_beta, chunk_size=L.chunk_size)
 
 
-def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hidden):
+def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hidden, stats: bool = True):
     """The fused loss of one micro-batch on this rank (sums over its own positions)."""
     t_weight, t_bias = adapter.teacher_weights()
     if teacher_hidden is None:  # CE-only training without a teacher
@@ -68,11 +69,13 @@ def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hi
     return fused_linear_distill(
         student_hidden, adapter.student_head.weight, teacher_hidden, t_weight,
         batch["labels"], doc_ids=loss_doc_ids(batch, cfg), student_bias=adapter.student_head.bias,
-        teacher_bias=t_bias, vocab_group=adapter.loss_group, **loss_kwargs(cfg),
+        teacher_bias=t_bias, vocab_group=adapter.loss_group, stats=stats, **loss_kwargs(cfg),
     )
 
 
-def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfig) -> StepResult:
+def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfig, stats: bool = True) -> StepResult:
+    """One optimizer step; ``stats``: compute the loss's monitoring statistics (a step that
+    is logged), else only the losses."""
     device = adapter.device
     world = adapter.topo.group("world")
     batches = [_to(b, device) for b in micro_batches]
@@ -94,7 +97,7 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
         t1 = time.perf_counter()
         sh = adapter.student_hidden(b)
         t2 = time.perf_counter()
-        loss_sum, stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
+        loss_sum, loss_stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th, stats=stats)
         cos_sum = adapter.hidden_term_sum(b["labels"] != IGNORE_INDEX)
         if cos_sum is not None:
             loss_sum = loss_sum + cfg.loss.hidden_weight * cos_sum
@@ -105,7 +108,7 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
         for key, dt in zip(("teacher_forward", "student_forward", "loss", "student_backward"),
                            (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[key] += dt
-        sums += torch.stack([stats[k].detach().to(torch.float64) for k in STAT_KEYS])
+        sums += torch.stack([loss_stats[k].detach().to(torch.float64) for k in STAT_KEYS])
         if i < len(batches) - 1:
             adapter.micro_step()
     lr = lr_at(step, cfg)
@@ -122,5 +125,5 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
         raise FloatingPointError(f"step {step}: loss is {loss}: stopping instead of training on NaN/inf")
     return StepResult(
         stats=values, grad_norm=grad_norm, lr=lr, tokens=int(counts[1].item()),
-        times=times,
+        times=times, monitored=stats,
     )

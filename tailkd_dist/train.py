@@ -180,6 +180,11 @@ def _barrier(topo) -> None:
         torch.distributed.barrier(group=topo.group("world"))
 
 
+def _logged(step: int, cfg) -> bool:
+    """Is step (counted from 1) logged? Only those steps pay for the loss's statistics."""
+    return step % cfg.logging.every_steps == 0 or step == cfg.optim.max_steps
+
+
 def train(cfg: TrainConfig) -> dict:
     preflight(cfg)
     topo = build_topology(cfg)
@@ -254,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                                      "data.micro_batch_size, or use fewer ranks or more data")
                 it = iter(train_loader)
                 fresh_epoch = True
-        res = train_step(adapter, micro, step=step, cfg=cfg)
+        res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg))
         step += 1
         liveness.progress(step)
         tokens_seen += res.tokens
@@ -272,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
         if rank0:  # machine-readable per-step record (a resumed run appends the re-run steps)
             with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
-        if step % cfg.logging.every_steps == 0 or step == cfg.optim.max_steps:
+        if _logged(step, cfg):
             tb.scalars(scalars, step)
             if rank0:
                 msg = (f"step {step}/{cfg.optim.max_steps} loss {scalars['loss/total']:.4f} ce {scalars['loss/ce']:.4f} "

@@ -619,10 +619,12 @@ STAT_KEYS = ("valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s", "teac
              "student_entropy", "top1_agree", "beta_x")
 
 
-def run_fused_and_compare(case, divergence, dtype, chunk=None, check_stats=True, tie=None):
+def run_fused_and_compare(case, divergence, dtype, chunk=None, check_stats=True, tie=None, monitor=True):
     L, _ = impl()
     x = make_fused(case, dtype) if tie is None else tie
     kw = _fused_kw(case, divergence, chunk)
+    if not monitor:
+        kw["stats"] = False
 
     hs_i = x["hs"].detach().clone().requires_grad_(True)
     Ws_i = x["Ws"].detach().clone().requires_grad_(True)
@@ -636,7 +638,7 @@ def run_fused_and_compare(case, divergence, dtype, chunk=None, check_stats=True,
     hs64 = x["hs"].detach().to(F64).clone().requires_grad_(True)
     Ws64 = x["Ws"].detach().to(F64).clone().requires_grad_(True)
     bs64 = None if x["bs"] is None else x["bs"].detach().to(F64).clone().requires_grad_(True)
-    kw_ref = {k: v for k, v in kw.items() if k != "chunk_size"}
+    kw_ref = {k: v for k, v in kw.items() if k not in ("chunk_size", "stats")}
     ref_loss, ref_stats = R.fused_linear_distill(hs64, Ws64, x["ht"], x["Wt"], x["labels"],
                                                  doc_ids=x["doc_ids"], student_bias=bs64,
                                                  teacher_bias=x["bt"], **kw_ref)
@@ -662,11 +664,17 @@ def run_fused_and_compare(case, divergence, dtype, chunk=None, check_stats=True,
     if bs_i is not None:
         assert norm(bs64.grad) > 0
         assert_rel(bs_i.grad, bs64.grad, dtype, f"{what} grad student_bias")
+    # stats=False: what only the monitoring statistics need is skipped, and says so with NaN:
+    # the entropies, and without TAD also K's split of KL and the tail masses.
+    skipped = set() if monitor else {"teacher_entropy", "student_entropy"} | (
+        set() if divergence == "tad" else {"d1", "at_d2", "a_t", "a_s", "top1_agree", "a_t_sq", "a_s_sq"})
+    for key in skipped:
+        assert torch.isnan(stats[key]), (key, stats[key])
     if check_stats:
         missing = set(STAT_KEYS) - set(stats)
         assert not missing, f"stats lacks {sorted(missing)}"
         for key in STAT_KEYS:
-            if key == "beta_x" and divergence != "tad":
+            if key == "beta_x" and divergence != "tad" or key in skipped:
                 continue
             got = stats[key]
             assert torch.is_tensor(got) and got.dim() == 0, key
@@ -778,6 +786,13 @@ def test_fused_ties_at_kth_value_lower_index_wins(chunk, dtype):
         assert_rel(stats[key], ref_stats[key], dtype, f"tie stats[{key!r}]")
     # teacher argmax among tied maxima: the lower index too (top-1 = top-k with k = 1)
     assert float(stats["top1_agree"]) == float(ref_stats["top1_agree"])
+
+
+@pytest.mark.parametrize("case,divergence,dtype", fused_params())
+def test_fused_without_statistics(case, divergence, dtype):
+    """stats=False (a training step that logs nothing): loss, gradients and the statistics
+    still computed match the float64 reference; the skipped ones are NaN."""
+    run_fused_and_compare(case, divergence, dtype, monitor=False)
 
 
 def _stable_topk_reference(x: torch.Tensor, k: int):

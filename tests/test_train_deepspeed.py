@@ -2,6 +2,7 @@
 from HF configs, data from the real prepare tool (python-stdlib slice)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -158,7 +159,9 @@ def test_kill_during_checkpoint_save_resumes_previous(data, tmp_path):
 
 @pytest.mark.slow
 def test_tensorboard_tags_and_hf_export(data, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", optim__max_steps=3, eval__every_steps=2)
+    # logged at steps 2 and 3 (the last): only they compute the loss's statistics
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", optim__max_steps=3, eval__every_steps=2,
+                       logging__every_steps=2)
     out = subprocess.run([sys.executable, "-c", f"import trainer_utils; trainer_utils.export_check({str(cfg)!r})"],
                          env={**env(), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])},
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -182,7 +185,15 @@ def test_tensorboard_tags_and_hf_export(data, tmp_path):
     for tag in wanted:
         values = [e.value for e in acc.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
-    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("loss/total")] == [2, 3]
+    # metrics.jsonl: every step's losses; the statistics of the logged steps only, never NaN
+    rec = {r["step"]: r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())}
+    assert sorted(rec) == [1, 2, 3]
+    assert all(math.isfinite(v) for r in rec.values() for v in r.values() if isinstance(v, float))
+    assert {"loss/total", "loss/ce", "loss/tad", "optim/lr"} <= set(rec[1])
+    assert not {"loss/kl", "tail/teacher_mass_aT_mean", "entropy/teacher", "agreement/top1"} & set(rec[1])
+    for step in (2, 3):
+        assert {t for t in wanted if not t.startswith("eval/")} <= set(rec[step]), step
 
 
 BAD = {

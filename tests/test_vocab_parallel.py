@@ -15,6 +15,7 @@ size 2 the pairs {0,1} and {2,3} (cases alternate between them), size 1 a single
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class Case:
     # largest shard) at a time (fused._TEACHER_ELEMENTS; default: whole chunks at test sizes).
     # Only the group run is patched, so the single-process reference keeps whole chunks.
     teacher_rows: int | None = None
+    stats: bool = True  # False: the monitoring statistics are skipped (compared to a P = 1 run with them)
 
     def row_shards(self) -> tuple[int, ...]:
         if self.shards is not None:
@@ -82,6 +84,7 @@ class Case:
             jsd_beta=self.jsd_beta,
             chunk_size=self.chunk_size,
             ignore_index=self.ignore_index,
+            stats=self.stats,
         )
 
 
@@ -142,9 +145,25 @@ def _cases() -> list[Case]:
              shards=(1, 5, 4, 3), tie=True, dtype="float32", chunk_size=3, teacher_rows=1,
              seed=23),
     ]
+    # Without the monitoring statistics (a step that logs nothing): every divergence, uneven
+    # shards, both dtypes, documents across ranks and chunks (TAD's pre-pass)
+    for i, div in enumerate(DIVERGENCES):
+        cases.append(Case(f"g4-{div}-V32003-k10-f64-t2-nostats", 4, 32003, (5, 9, 3, 7), divergence=div,
+                          temperature=2.0, chunk_size=4, stats=False, seed=300 + i))
+        cases.append(Case(f"g2-{div}-V128-k3-f32-nostats", 2, 128, (7, 11), divergence=div, k=3,
+                          dtype="float32", chunk_size=5, docs="scatter", stats=False, seed=310 + i))
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
     return cases
+
+
+def skipped_stats(case: Case) -> set[str]:
+    """The statistics a stats=False call leaves out (NaN): the entropies, and unless the
+    divergence is TAD also K's split of KL and the tail masses."""
+    if case.stats:
+        return set()
+    tails = {"d1", "at_d2", "a_t", "a_s", "top1_agree", "a_t_sq", "a_s_sq"}
+    return {"teacher_entropy", "student_entropy"} | (set() if case.divergence == "tad" else tails)
 
 
 CASES = _cases()
@@ -363,7 +382,8 @@ def check_close(what: str, a: torch.Tensor, b: torch.Tensor, tol: float, errors:
 def test_parity_with_single_process(case: Case, parity_results):
     tol = TOL[case.dtype]
     full = make_full_inputs(case)
-    ref = run_loss(case, full, vocab_group=None)
+    # stats=False is checked against a single process that computes everything
+    ref = run_loss(dataclasses.replace(case, stats=True), full, vocab_group=None)
     got = parity_results[case.name]
     errors: list[str] = []
 
@@ -373,6 +393,10 @@ def test_parity_with_single_process(case: Case, parity_results):
             errors.append(f"rank {r} stats keys {sorted(res['stats'])} != {sorted(ref['stats'])}")
     for key in ref["stats"]:
         total = sum(res["stats"][key] for res in got)
+        if key in skipped_stats(case):
+            if not torch.isnan(total):
+                errors.append(f"stats[{key!r}] was to be skipped (NaN) but is {float(total)}")
+            continue
         check_close(f"stats[{key!r}] (sum over ranks)", total, ref["stats"][key], tol, errors)
 
     rows = _offsets(case.row_shards())
@@ -419,6 +443,8 @@ def test_case_coverage():
     assert any(c.docs == "span" and c.group_size == 4 for c in CASES)
     assert any(c.docs == "scatter" and c.group_size == 4 for c in CASES)
     assert any(c.chunk_size < max(c.positions) for c in CASES)
+    for div in DIVERGENCES:
+        assert any(not c.stats and c.divergence == div and c.group_size == 4 for c in CASES), div
     # uneven positions and uneven shards
     assert any(len(set(c.positions)) > 1 and len(set(c.row_shards())) > 1 for c in CASES)
 
@@ -569,6 +595,10 @@ def _counter_configs():
         (4, 3, "forward_kl", 2.0, (3, 4, 5, 2), 100, "float64"),
         (4, 10, "none", 1.0, (2, 2, 2, 2), 3, "float64"),
         (4, 3, "tad", 2.0, (3, 4, 5, 2), 5, "float32"),  # pre-pass at tau != 1
+        # without the monitoring statistics: no K for KL, smaller teacher / student gathers
+        (4, 3, "forward_kl", 2.0, (3, 4, 5, 2), 5, "float32", False),
+        (2, 10, "jsd", 1.0, (5, 9), 4, "float64", False),
+        (2, 10, "tad", 1.0, (5, 9), 4, "float64", False),
     ]
 
 
@@ -581,7 +611,8 @@ def _counter_worker(rank: int, world_size: int) -> list[dict]:
     topos = {4: Topology.build(loss_group_size=4), 2: Topology.build(loss_group_size=2)}
     V, d_s, d_t = 203, 8, 6
     out = []
-    for i, (P, k, div, tau, positions, chunk, dtype) in enumerate(_counter_configs()):
+    for i, (P, k, div, tau, positions, chunk, dtype, *stats) in enumerate(_counter_configs()):
+        stats = stats[0] if stats else True
         topo = topos[P]
         gr = topo.loss_rank
         g = torch.Generator().manual_seed(i)
@@ -596,18 +627,18 @@ def _counter_worker(rank: int, world_size: int) -> list[dict]:
         labels = torch.randint(0, V, (n,), generator=g)
         with _Wiretap() as tap, CommCounter() as cc:
             loss, _ = fused_linear_distill(sh, sw, th, tw, labels, divergence=div, k=k,
-                                           temperature=tau, chunk_size=chunk,
+                                           temperature=tau, chunk_size=chunk, stats=stats,
                                            vocab_group=topo.group("loss"))
             loss.backward()
         out.append(dict(
-            config=(P, k, div, tau, positions, chunk, dtype),
+            config=(P, k, div, tau, positions, chunk, dtype, stats),
             tap=tap.calls,
             numbers_per_token=cc.numbers_per_token,
             by_op=dict(cc.by_op),
             bytes=cc.bytes,
             tokens=cc.tokens,
             formula=loss_numbers_per_token(group_size=P, k=k, divergence=div, temperature=tau,
-                                           prepass=div == "tad" and sum(positions) > chunk),
+                                           prepass=div == "tad" and sum(positions) > chunk, stats=stats),
         ))
     return out
 
@@ -630,14 +661,19 @@ def _spec_numbers_per_token(P, k, div, tau, prepass=False):
     return spec + 9 * P - 5 + (P if tau != 1.0 else 0) + extras
 
 
-def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
+def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t, stats=True):
     """The collectives the design implies, sizes as each moves them: [(op, numel)] in call
     order, and the per-token numbers of the scalar ones (candidates, partial sums)."""
     N, n_max = sum(positions), max(positions)
     extras = {"tad": 0, "forward_kl": 0, "none": 0, "reverse_kl": 1, "jsd": 2}[div]
-    # teacher: k+1 values, k ids, sum of exp, sum of exp beyond the rank's own top-k, flag
-    teacher = 2 * k + 4
-    student = 5 + (1 if tau != 1.0 else 0)  # max, argmax, sum of exp, tail max, tail sum [, raw]
+    tails = stats or div == "tad"  # K and the tail masses: TAD's value, or the statistics
+    # teacher: k+1 values, k ids, sum of exp, sum of exp beyond the rank's own top-k, flag;
+    # without K: max, sum of exp, flag
+    teacher = 2 * k + 4 if tails else 3
+    # student: max, argmax, sum of exp, tail max, tail sum; without K: max, sum of exp [+ raw]
+    student = (5 if tails else 2) + (1 if tau != 1.0 else 0)
+    # SUM: log q(label), KL (over K and over the tail, or whole), [entropies], divergence's own
+    sums = 1 + (2 if tails else 1) + (2 if stats else 0) + extras
     calls = [
         ("all_gather_into_tensor", None),  # the call's layout/settings (size not pinned)
         ("all_gather_into_tensor", P * n_max * 2),  # labels + doc ids of the group
@@ -651,8 +687,8 @@ def _expected_calls(P, k, div, tau, positions, chunk, d_s, d_t):
     for c in chunks:
         if not prepass:
             calls.append(("all_gather_into_tensor", P * c * teacher))
-        calls += [("all_gather_into_tensor", P * c * student), ("all_reduce", c * (5 + extras))]
-        scalar += P * c * teacher + P * c * student + c * (5 + extras)
+        calls += [("all_gather_into_tensor", P * c * student), ("all_reduce", c * sums)]
+        scalar += P * c * teacher + P * c * student + c * sums
     calls.append(("reduce_scatter_tensor", P * n_max * d_s))  # hidden-state gradient
     return calls, scalar / N
 
@@ -662,10 +698,10 @@ def test_comm_counter_matches_an_independent_count():
     d_s, d_t = 8, 6
     for rank, per_rank in enumerate(results):
         for res in per_rank:
-            P, k, div, tau, positions, chunk, dtype = res["config"]
+            P, k, div, tau, positions, chunk, dtype, stats = res["config"]
             N = sum(positions)
             expected_calls, scalar_per_token = _expected_calls(P, k, div, tau, positions,
-                                                                chunk, d_s, d_t)
+                                                                chunk, d_s, d_t, stats=stats)
             tapped = [(op, math.prod(shape)) for op, shape, _ in res["tap"]]
             assert [op for op, _ in tapped] == [op for op, _ in expected_calls], res["config"]
             for (op, got), (_, want) in zip(tapped, expected_calls):
@@ -683,8 +719,9 @@ def test_comm_counter_matches_an_independent_count():
             # == the spec's formula plus the design's documented additions
             assert res["numbers_per_token"] == pytest.approx(scalar_per_token, rel=1e-12)
             assert res["formula"] == pytest.approx(scalar_per_token, rel=1e-12)
-            assert scalar_per_token == _spec_numbers_per_token(
-                P, k, div, tau, prepass=div == "tad" and N > chunk)
+            if stats:
+                assert scalar_per_token == _spec_numbers_per_token(
+                    P, k, div, tau, prepass=div == "tad" and N > chunk)
 
 
 def test_loss_traffic_is_small_against_gathering_logits():

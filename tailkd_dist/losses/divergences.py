@@ -47,8 +47,8 @@ class RowBlock:
 
     log_p: torch.Tensor  # [b, V_r] teacher log-probabilities (this rank's vocabulary slice)
     log_q: torch.Tensor  # [b, V_r] student log-probabilities; the gradient overwrites it
-    top_local: torch.Tensor  # [b, k] column of each K member in this slice (0 if not owned)
-    top_owned: torch.Tensor  # [b, k] does this rank own the K member
+    top_local: torch.Tensor | None  # [b, k] column of each K member in this slice (0 if not
+    top_owned: torch.Tensor | None  # owned), and does this rank own it; None without K
     beta_x: torch.Tensor  # [b] TAD's beta(X) of the row's document (0 for the others)
     log_ratio: torch.Tensor  # [b] log aT - log aS
     jsd_beta: float
@@ -91,6 +91,9 @@ class Divergence:
 
     sums = Columns(())
     grad_needs_sums = False  # True: the gradient reads the group's reduced sums
+    # True: the value or gradient needs the teacher's top-k K and both tail masses (else only
+    # the monitoring statistics do, and they are computed only when asked for)
+    needs_tails = False
 
     def plan(self, run) -> TeacherPlan:
         return TeacherPlan(run.in_chunk_teacher(), lambda rows, t: torch.zeros_like(t.lse))
@@ -115,6 +118,8 @@ class ForwardKL(Divergence):
 
 class TAD(Divergence):
     """KL plus (beta(X) - 1) times the tail term (spec, "TAD")."""
+
+    needs_tails = True
 
     def plan(self, run):
         # beta(X) needs the teacher's tail mass at every valid position of a document before

@@ -71,25 +71,33 @@ _TEACHER_ELEMENTS_CUDA = 1 << 27
 # --------------------------------------------------------------------------- what travels
 
 
-def teacher_columns(k: int) -> Columns:
-    """Per rank and position, all-gathered (step 1): the top-(k+1) values (the (k+1)-th is the
-    maximum of the entries outside the rank's own top-k), the top-k global ids, the sum of
-    exp relative to the rank's max, the sum of exp of the entries outside its own top-k
-    relative to their max, and a flag for NaN / inf logits."""
+def teacher_columns(k: int, *, tails: bool = True) -> Columns:
+    """Per rank and position, all-gathered (step 1). With ``tails`` (TAD, or statistics
+    asked for): the top-(k+1) values (the (k+1)-th is the maximum of the entries outside the
+    rank's own top-k), the top-k global ids, the sum of exp relative to the rank's max, the
+    sum of exp of the entries outside its own top-k relative to their max, and a flag for
+    NaN / inf logits. Without: the max, the sum of exp and the flag."""
+    if not tails:
+        return Columns.of("max", "sumexp", "nonfinite")
     return Columns.of(values=k + 1, ids=k) + Columns.of("sumexp", "rest_sumexp", "nonfinite")
 
 
-def student_columns(*, raw_ce: bool) -> Columns:
-    """Per rank and position, all-gathered (step 2): max, argmax (global id), sum of exp
-    relative to the max, the tail's (entries outside K) max and sum of exp relative to it;
-    with tau != 1 the sum of exp at tau = 1 (CE's normaliser)."""
-    return Columns.of("max", "argmax", "sumexp", "tail_max", "tail_sumexp", *(("sumexp_raw",) if raw_ce else ()))
+def student_columns(*, raw_ce: bool, tails: bool = True) -> Columns:
+    """Per rank and position, all-gathered (step 2): max and sum of exp relative to it; with
+    ``tails`` also the argmax (global id) and the tail's (entries outside K) max and sum of
+    exp relative to it; with tau != 1 the sum of exp at tau = 1 (CE's normaliser)."""
+    names = ("max", "argmax", "sumexp", "tail_max", "tail_sumexp") if tails else ("max", "sumexp")
+    return Columns.of(*names, *(("sumexp_raw",) if raw_ce else ()))
 
 
-def sum_columns(divergence: str) -> Columns:
-    """Per position, SUM all-reduced (step 3): the rank's shares of sum_K p log(p/q),
-    sum_tail p log(p/q), sum p log p, sum q log q and log q(label), then the divergence's own."""
-    return _Chunker.COMMON_SUMS + HOOKS[divergence].sums
+def sum_columns(divergence: str, *, stats: bool = True) -> Columns:
+    """Per position, SUM all-reduced (step 3): the rank's share of log q(label); of KL(p||q),
+    split into its sums over K and over the tail when K is known; with ``stats`` of sum p log p
+    and sum q log q; then the divergence's own."""
+    tails = stats or HOOKS[divergence].needs_tails
+    kl = Columns.of("kl_top", "kl_tail") if tails else Columns.of("kl")
+    entropies = Columns.of("plogp", "qlogq") if stats else Columns(())
+    return Columns.of("lq_label") + kl + entropies + HOOKS[divergence].sums
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -168,7 +176,7 @@ def _agree(local_problem, *, sh, sw, tw, needs_grad, settings, group) -> _Layout
         problems = [f"rank {r}: {m}" if group is not None else m for r, m in enumerate(msgs) if m]
     else:
         names = ("k", "divergence", "beta", "temperature", "ce_weight", "kd_weight", "jsd_beta",
-                 "student_bias given", "teacher_bias given")
+                 "student_bias given", "teacher_bias given", "stats")
         for r, row in enumerate(table):
             differ = [nm for nm, a, b in zip(names, row[6:], table[0][6:]) if a != b]
             if differ:
@@ -216,6 +224,7 @@ class _Opts:
     jsd_beta: float
     chunk_size: int
     ignore_index: int
+    stats: bool  # compute the monitoring statistics (else NaN in the returned sums)
 
 
 def _blocks(n_rows: int, v_local: int, device=None):
@@ -255,19 +264,28 @@ def _local_candidates(x: torch.Tensor, kk: int, v_offset: int, k_pad: int):
     return vals, idx, sumexp
 
 
+def _local_normaliser(x: torch.Tensor):
+    """Per row: max and sum exp(x - max), row-blocked."""
+    mx, sumexp = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+    for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
+        mx[r0:r1] = x[r0:r1].amax(-1)
+        sumexp[r0:r1] = torch.sub(x[r0:r1], mx[r0:r1, None]).exp_().sum(-1)
+    return mx, sumexp
+
+
 @dataclass
 class TeacherRows:
     """What the group knows about the teacher at some positions, before its logits are
     swept: the global top-k K, the log-normaliser, log aT (exact in log space) and how many
     of the ranks' logits there are NaN or inf (identical on every rank)."""
 
-    top: torch.Tensor  # [c, k] global token ids of K, canonical order
+    top: torch.Tensor | None  # [c, k] global token ids of K, canonical order (None: not needed)
     lse: torch.Tensor  # [c]
-    log_tail: torch.Tensor  # [c] log aT
+    log_tail: torch.Tensor | None  # [c] log aT (None with K)
     nonfinite: torch.Tensor  # [c] ranks whose slice holds a NaN or inf
 
     def __getitem__(self, rows: slice) -> "TeacherRows":
-        return TeacherRows(self.top[rows], self.lse[rows], self.log_tail[rows], self.nonfinite[rows])
+        return TeacherRows(*(None if x is None else x[rows] for x in (self.top, self.lse, self.log_tail, self.nonfinite)))
 
 
 @dataclass
@@ -275,8 +293,8 @@ class StudentRows:
     """The student's normalisers of a chunk after its exchange."""
 
     lse: torch.Tensor  # [c] log-normaliser at temperature tau
-    argmax: torch.Tensor  # [c] global argmax (lowest id among ties)
-    log_tail: torch.Tensor  # [c] log aS
+    argmax: torch.Tensor | None  # [c] global argmax (lowest id among ties); None without K
+    log_tail: torch.Tensor | None  # [c] log aS; None without K
     lse_raw: torch.Tensor | None  # [c] log-normaliser at tau = 1 (CE) when tau != 1
 
 
@@ -285,14 +303,14 @@ class _ChunkRows:
     """Per-row quantities of one chunk that its sweeps read."""
 
     rows: slice  # the chunk's positions in the call
-    top_local: torch.Tensor
-    top_owned: torch.Tensor
+    top_local: torch.Tensor | None
+    top_owned: torch.Tensor | None
     lab_local: torch.Tensor
     lab_owned: torch.Tensor
     lse_s: torch.Tensor
     lse_raw: torch.Tensor | None
     beta_x: torch.Tensor
-    log_ratio: torch.Tensor
+    log_ratio: torch.Tensor | None
     kd_row: torch.Tensor
     ce_row: torch.Tensor
 
@@ -305,6 +323,9 @@ def _teacher_from_candidates(g: dict, k: int) -> TeacherRows:
     top-k that K leaves out (values it sent anyway): K restricted to a rank is always part of
     that rank's own top-k (same tie rule). So log aT is exact, in log space, from one gather.
     """
+    if "values" not in g:  # no K asked for: the normaliser only
+        _, lse = merge_lse(g["max"], g["sumexp"])
+        return TeacherRows(None, lse, None, g["nonfinite"].sum(0))
     vals, ids = g["values"], g["ids"]
     c = vals.shape[1]
     _, top = merge_topk(vals[..., :k].permute(1, 0, 2).reshape(c, -1), ids.permute(1, 0, 2).reshape(c, -1), k)
@@ -322,9 +343,11 @@ def _student_from_candidates(g: dict, tau: float) -> StudentRows:
     """Every rank's student (max, argmax, sum of exp, tail max, tail sum of exp[, sum of exp
     at tau = 1]) [P, c] -> StudentRows (a pure step)."""
     smax, lse = merge_lse(g["max"], g["sumexp"])
+    lse_raw = merge_lse(tau * g["max"], g["sumexp_raw"])[1] if "sumexp_raw" in g else None
+    if "argmax" not in g:
+        return StudentRows(lse, None, None, lse_raw)
     # Ranks hold vocabulary slices in order: the first rank holding the max has the lowest id.
     first = torch.where(g["max"] == smax, g["argmax"], torch.full_like(g["argmax"], float(2**24)))
-    lse_raw = merge_lse(tau * g["max"], g["sumexp_raw"])[1] if "sumexp_raw" in g else None
     log_tail = merge_lse(g["tail_max"], g["tail_sumexp"])[1] - lse
     return StudentRows(lse, first.amin(0).long(), log_tail, lse_raw)
 
@@ -384,8 +407,6 @@ class _Chunker:
       4. (reverse KL, JSD) a second sweep for the gradient; then the two backward matmuls.
     """
 
-    COMMON_SUMS = Columns.of("kl_top", "kl_tail", "plogp", "qlogq", "lq_label")
-
     def __init__(self, *, opts: _Opts, layout: _Layout, hs, ws, bs, ht, wt, bt, labels, valid, docs, cdtype):
         self.o, self.L, self.docs = opts, layout, docs
         self.hook = HOOKS[opts.divergence]
@@ -398,9 +419,11 @@ class _Chunker:
         self.chunk_rows = min(opts.chunk_size, hs.shape[0])
         elems = _TEACHER_ELEMENTS_CUDA if hs.device.type == "cuda" else _TEACHER_ELEMENTS
         self.teacher_rows = max(1, min(self.chunk_rows, elems // layout.vocab_local))
-        self.teacher_cols = teacher_columns(opts.k)
-        self.student_cols = student_columns(raw_ce=self.raw_ce)
-        self.sum_cols = sum_columns(opts.divergence)
+        # K and the tail masses: for TAD's value, or for the statistics when asked for.
+        self.tails = opts.stats or self.hook.needs_tails
+        self.teacher_cols = teacher_columns(opts.k, tails=self.tails)
+        self.student_cols = student_columns(raw_ce=self.raw_ce, tails=self.tails)
+        self.sum_cols = sum_columns(opts.divergence, stats=opts.stats)
 
     def buffer(self, rows: int) -> torch.Tensor:
         return torch.empty(rows, self.L.vocab_local, dtype=self.cdtype, device=self.hs.device)
@@ -417,6 +440,11 @@ class _Chunker:
         k, dt = self.o.k, self.cdtype
         mine = self.teacher_cols.zeros(c, like=self.hs.new_empty((), dtype=dt))
         for b0, b1, t in raw_blocks:
+            if not self.tails:
+                tmax, sumexp = _local_normaliser(t)
+                self.teacher_cols.write(mine, slice(b0, b1), max=tmax, sumexp=sumexp,
+                                        nonfinite=self.nonfinite_rows(t, tmax[:, None]))
+                continue
             vals, ids, sumexp = _local_candidates(t, self.kk, self.L.vocab_offset, k + 1)
             self.teacher_cols.write(
                 mine, slice(b0, b1), values=vals, ids=ids[:, :k], sumexp=sumexp,
@@ -471,16 +499,17 @@ class _Chunker:
         for r0, r1 in _blocks(*s.shape, s.device):
             x = s[r0:r1]
             smax, sarg = x.max(-1)  # ties: the first index (documented), i.e. the lowest id
-            tail = x.clone()
-            add_at(tail, top_local[r0:r1], owned[r0:r1], float("-inf"))  # K out of the tail
-            tmax = tail.amax(-1)
-            tsum = tail.sub_(tmax[:, None]).exp_().sum(-1)
-            pieces = dict(
-                max=smax, argmax=(sarg + self.L.vocab_offset).to(s.dtype),
-                sumexp=torch.sub(x, smax[:, None]).exp_().sum(-1),
-                # -inf: this rank owns no tail entry; its sum is 0, not exp(nan).
-                tail_max=tmax, tail_sumexp=torch.where(torch.isfinite(tmax), tsum, 0.0),
-            )
+            pieces = dict(max=smax, sumexp=torch.sub(x, smax[:, None]).exp_().sum(-1))
+            if self.tails:
+                tail = x.clone()
+                add_at(tail, top_local[r0:r1], owned[r0:r1], float("-inf"))  # K out of the tail
+                tmax = tail.amax(-1)
+                tsum = tail.sub_(tmax[:, None]).exp_().sum(-1)
+                pieces.update(
+                    argmax=(sarg + self.L.vocab_offset).to(s.dtype), tail_max=tmax,
+                    # -inf: this rank owns no tail entry; its sum is 0, not exp(nan).
+                    tail_sumexp=torch.where(torch.isfinite(tmax), tsum, 0.0),
+                )
             if self.raw_ce:  # CE is at tau = 1: the raw logits' sum of exp, same local max
                 pieces["sumexp_raw"] = torch.sub(x, smax[:, None]).mul_(self.o.tau).exp_().sum(-1)
             self.student_cols.write(mine, slice(r0, r1), **pieces)
@@ -489,6 +518,8 @@ class _Chunker:
 
     # -- one chunk ------------------------------------------------------------------------
     def localise(self, top):
+        if top is None:
+            return None, None
         off, vl = self.L.vocab_offset, self.L.vocab_local
         owned = (top >= off) & (top < off + vl)
         return torch.where(owned, top - off, torch.zeros_like(top)), owned
@@ -512,7 +543,7 @@ class _Chunker:
         beta_x = plan.beta_x(rows, t)
         cr = _ChunkRows(
             rows, top_local, owned, lab_local, lab_owned, st.lse, st.lse_raw, beta_x,
-            t.log_tail - st.log_tail,
+            None if t.log_tail is None else t.log_tail - st.log_tail,
             # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
             kd_row=(self.o.kd_weight * self.o.tau) * vf, ce_row=self.o.ce_weight * vf,
         )
@@ -536,24 +567,29 @@ class _Chunker:
         for b0, b1, log_p in teacher.blocks(cr.rows):
             for r0, r1 in _blocks(b1 - b0, self.L.vocab_local, s.device):
                 a, b = b0 + r0, b0 + r1
+                cut = lambda x: None if x is None else x[a:b]  # noqa: E731
                 yield a, b, RowBlock(
-                    log_p=log_p[r0:r1], log_q=s[a:b], top_local=cr.top_local[a:b],
-                    top_owned=cr.top_owned[a:b], beta_x=cr.beta_x[a:b], log_ratio=cr.log_ratio[a:b],
+                    log_p=log_p[r0:r1], log_q=s[a:b], top_local=cut(cr.top_local),
+                    top_owned=cut(cr.top_owned), beta_x=cr.beta_x[a:b], log_ratio=cut(cr.log_ratio),
                     jsd_beta=self.o.jsd_beta, sums={} if sums is None else {n: v[a:b] for n, v in sums.items()},
                 )
 
     def partials(self, blk: RowBlock, cols: dict, r0: int, r1: int, cr: _ChunkRows) -> None:
         """Per-token partial sums of one row block (rows r0:r1 of the chunk) into ``cols``."""
-        p_top = blk.p.gather(1, blk.top_local)
-        d_top = blk.diff.gather(1, blk.top_local)
-        cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
-        cols["plogp"][r0:r1] = rowdot(blk.p, blk.log_p)
-        cols["qlogq"][r0:r1] = rowdot(blk.q, blk.log_q)
+        if self.o.stats:
+            cols["plogp"][r0:r1] = rowdot(blk.p, blk.log_p)
+            cols["qlogq"][r0:r1] = rowdot(blk.q, blk.log_q)
         for name, v in self.hook.partials(blk).items():
             cols[name][r0:r1] = v
-        blk.add_at_top(blk.p, -p_top)  # p restricted to the tail: exact zeros at K
-        cols["kl_tail"][r0:r1] = rowdot(blk.p, blk.diff)
-        blk.add_at_top(blk.p, p_top)  # and back: 0 + p_j is p_j exactly
+        if self.tails:
+            p_top = blk.p.gather(1, blk.top_local)
+            d_top = blk.diff.gather(1, blk.top_local)
+            cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
+            blk.add_at_top(blk.p, -p_top)  # p restricted to the tail: exact zeros at K
+            cols["kl_tail"][r0:r1] = rowdot(blk.p, blk.diff)
+            blk.add_at_top(blk.p, p_top)  # and back: 0 + p_j is p_j exactly
+        else:
+            cols["kl"][r0:r1] = rowdot(blk.p, blk.diff)
         lq = blk.log_q.gather(1, cr.lab_local[r0:r1, None]).squeeze(1)
         if cr.lse_raw is not None:
             lq = self.o.tau * (lq + cr.lse_s[r0:r1]) - cr.lse_raw[r0:r1]
@@ -576,22 +612,24 @@ class _Chunker:
             add_at(out, cr.lab_local[r0:r1, None], cr.lab_owned[r0:r1, None], -cr.ce_row[r0:r1, None])
 
     def finish(self, tok: dict, cr: _ChunkRows, t: TeacherRows, st: StudentRows):
-        """Per-token values from the reduced sums (identical on every rank of the group)."""
+        """Per-token values from the reduced sums (identical on every rank of the group), one
+        column per STAT_KEYS entry; NaN for the statistics not asked for."""
         o = self.o
-        a_t, a_s = t.log_tail.exp(), st.log_tail.exp()
-        bucket = torch.where(a_t > 0, a_t * (t.log_tail - st.log_tail), 0.0)
-        kl = tok["kl_top"] + tok["kl_tail"]
-        tok = dict(tok, kl=kl, d1=tok["kl_top"] + bucket, at_d2=tok["kl_tail"] - bucket, beta_x=cr.beta_x)
-        kd = self.hook.value(tok, o.jsd_beta) * (o.tau**2)
         vf = self.valid[cr.rows].to(self.cdtype)
-        return torch.stack(
-            [
-                vf, -tok["lq_label"], kd, kl, tok["d1"], tok["at_d2"], a_t, a_s, -tok["plogp"],
-                -tok["qlogq"], (t.top[:, 0] == st.argmax).to(self.cdtype), cr.beta_x, a_t * a_t,
-                a_s * a_s,
-            ],
-            1,
-        ) * vf[:, None]
+        out = dict(valid_count=vf, ce=-tok["lq_label"], beta_x=cr.beta_x)
+        if self.tails:
+            a_t, a_s = t.log_tail.exp(), st.log_tail.exp()
+            bucket = torch.where(a_t > 0, a_t * (t.log_tail - st.log_tail), 0.0)
+            tok = dict(tok, kl=tok["kl_top"] + tok["kl_tail"], d1=tok["kl_top"] + bucket,
+                       at_d2=tok["kl_tail"] - bucket)
+            out.update(a_t=a_t, a_s=a_s, a_t_sq=a_t * a_t, a_s_sq=a_s * a_s, d1=tok["d1"], at_d2=tok["at_d2"],
+                       top1_agree=(t.top[:, 0] == st.argmax).to(self.cdtype))
+        tok["beta_x"] = cr.beta_x
+        out.update(kl=tok["kl"], kd=self.hook.value(tok, o.jsd_beta) * (o.tau**2))
+        if o.stats:
+            out.update(teacher_entropy=-tok["plogp"], student_entropy=-tok["qlogq"])
+        nan = torch.full_like(vf, float("nan"))
+        return torch.stack([out.get(key, nan) for key in STAT_KEYS], 1) * vf[:, None]
 
     def grad_matmuls(self, g, rows):
         """The two backward matmuls of a chunk, accumulated straight into the call's gradient
@@ -723,7 +761,7 @@ class _FusedDistill(torch.autograd.Function):
 
 
 def _check_call(sh, sw, th, tw, labels, doc_ids, sb, tb, *, k, beta, temperature, divergence, jsd_beta,
-                ce_weight, kd_weight, chunk_size, vocab_group) -> _Layout:
+                ce_weight, kd_weight, chunk_size, stats, vocab_group) -> _Layout:
     """Every check of a call's arguments, agreed across the loss group -> its layout."""
     local_problem = None
     try:
@@ -743,7 +781,7 @@ def _check_call(sh, sw, th, tw, labels, doc_ids, sb, tb, *, k, beta, temperature
         k if isinstance(k, int) else -1,
         DIVERGENCES.index(divergence) if divergence in DIVERGENCES else -1,
         _float_bits(beta), _float_bits(temperature), _float_bits(ce_weight), _float_bits(kd_weight),
-        _float_bits(jsd_beta), int(sb is not None), int(tb is not None),
+        _float_bits(jsd_beta), int(sb is not None), int(tb is not None), int(bool(stats)),
     ]
     return _agree(local_problem, sh=sh, sw=sw, tw=tw, needs_grad=needs_grad, settings=settings, group=vocab_group)
 
@@ -768,6 +806,7 @@ def fused_linear_distill(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     vocab_group=None,
+    stats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss straight from hidden states and lm_head weights, chunk by chunk.
 
@@ -790,6 +829,10 @@ def fused_linear_distill(
             with a document that spans chunks: ~ chunk_size * V_r, the teacher's logits
             streamed in blocks of rows after its pre-pass).
         vocab_group: process group sharing the vocabulary (None: single process).
+        stats: compute the monitoring statistics. False (a training step that logs nothing)
+            skips what only they need: for forward KL, reverse KL, JSD and CE the teacher's
+            top-k and both tail masses, for every divergence the two entropies; those
+            entries of ``stats`` are then NaN. Loss and gradients are the same either way.
 
     Returns:
         ``(loss_sum, stats)``: the SUM over valid positions of ce_weight*CE + kd_weight*L_div
@@ -809,12 +852,12 @@ def fused_linear_distill(
     layout = _check_call(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, doc_ids, student_bias,
         teacher_bias, k=k, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
-        ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=chunk_size, vocab_group=vocab_group,
+        ce_weight=ce_weight, kd_weight=kd_weight, chunk_size=chunk_size, stats=stats, vocab_group=vocab_group,
     )
     opts = _Opts(
         divergence=divergence, k=k, beta=float(beta), tau=float(temperature),
         ce_weight=float(ce_weight), kd_weight=float(kd_weight), jsd_beta=float(jsd_beta),
-        chunk_size=chunk_size, ignore_index=ignore_index,
+        chunk_size=chunk_size, ignore_index=ignore_index, stats=bool(stats),
     )
     th = teacher_hidden.detach()
     tw, tb = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()

@@ -6,11 +6,13 @@ the parallel layer below never imports the loss.
 """
 from __future__ import annotations
 
+from .divergences import HOOKS
 from .fused import student_columns, sum_columns, teacher_columns
 
 
 def loss_numbers_per_token(
-    *, group_size: int, k: int, divergence: str, temperature: float = 1.0, prepass: bool | None = None
+    *, group_size: int, k: int, divergence: str, temperature: float = 1.0, prepass: bool | None = None,
+    stats: bool = True,
 ) -> int:
     """Numbers per token in the loss's scalar collectives (what CommCounter.numbers_per_token
     measures), for a loss group of ``group_size`` ranks.
@@ -25,8 +27,14 @@ def loss_numbers_per_token(
     (2 + 2Pk + 8) the per-rank sums of exp and tail pieces (9P) replace the MAX of the maxima
     and make both normalisers and both tail masses exact in log space, and the SUM needs 5
     columns instead of 8.
+
+    ``stats=False`` (a step that logs nothing): without TAD the teacher sends its max, sum of
+    exp and flag (3) and the student its max and sum of exp (2), the SUM carries no entropies
+    and KL in one column: 5P + 2 (+ the divergence's own); TAD keeps K and the tails and drops
+    the entropies: P(2k+9) + 3.
     """
     del prepass  # the same traffic either way
     raw = temperature != 1.0
-    return (group_size * (teacher_columns(k).width + student_columns(raw_ce=raw).width)
-            + sum_columns(divergence).width)
+    tails = stats or HOOKS[divergence].needs_tails
+    return (group_size * (teacher_columns(k, tails=tails).width + student_columns(raw_ce=raw, tails=tails).width)
+            + sum_columns(divergence, stats=stats).width)
