@@ -127,12 +127,13 @@ def passes_table(args) -> None:
                 t = ht @ wt.t()
             (cross_entropy(s, labels) + refs[div](s, t)).sum().backward()
 
-        def fused():
+        def fused(stats=True):
             loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=div, k=10, beta=2.0,
-                                           chunk_size=args.chunk)
+                                           chunk_size=args.chunk, stats=stats)
             loss.backward()
 
-        for impl, fn in (("naive", naive), ("fused", fused)):
+        # "fused, no stats": a training step between logged ones (stats=False)
+        for impl, fn in (("naive", naive), ("fused", fused), ("fused, no stats", lambda: fused(False))):
             hs.grad = ws.grad = None
             r = count_passes(fn, vocab=v, rows=args.n)
             rows.append([div, impl, f"{r['passes']:.1f}", ", ".join(f"{k} {x}" for k, x in r["top"][:5])])

@@ -17,8 +17,8 @@ and lm_head shard) inside tailkd_dist.parallel.vocab_parallel.CommCounter:
 
 * time: the max over ranks (best of --repeats calls); peak extra memory: the max over ranks,
   from the first call;
-* numbers per token of the loss's scalar collectives (candidates all-gather + tail MAX +
-  partial SUM; CommCounter.numbers_per_token) against the design's formula
+* numbers per token of the loss's scalar collectives (the teacher's and the student's
+  all-gathers + partial SUM; CommCounter.numbers_per_token) against the design's formula
   (losses.traffic.loss_numbers_per_token, with the TAD pre-pass when N > chunk_size: the N positions are one document);
 * numbers per token that move hidden states (forward gather of the student's and teacher's
   hidden states + backward reduce-scatter of the hidden-state gradient);

@@ -66,6 +66,10 @@ class RowBlock:
     def diff(self) -> torch.Tensor:
         return torch.sub(self.log_p, self.log_q)
 
+    def drop(self, name: str) -> None:
+        """Free a made-on-first-use temporary (made again if read later)."""
+        self.__dict__.pop(name, None)
+
     def add_at_top(self, buf: torch.Tensor, values) -> None:
         """buf[row, K_local] += values where this rank owns the K entry (duplicates-safe)."""
         add_at(buf, self.top_local, self.top_owned, values)

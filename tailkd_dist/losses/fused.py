@@ -604,6 +604,9 @@ class _Chunker:
                 (blk.log_q + cr.lse_s[r0:r1, None]).mul_(self.o.tau).sub_(cr.lse_raw[r0:r1, None]).exp_()
             )
         blk.q, blk.p  # noqa: B018  (materialise before the gradient overwrites log q)
+        # The partial sums' log p - log q: a block-sized buffer that TAD's and KL's gradients
+        # never read (reverse KL's makes it again from the logs, which are still intact here).
+        blk.drop("diff")
         out = blk.log_q
         self.hook.grad(blk, out)
         out.mul_(cr.kd_row[r0:r1, None])
