@@ -67,6 +67,7 @@ from typing import Any
 
 from tailkd_dist import __version__
 from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
+from tailkd_dist.signals import unwind_on_signals
 from tailkd_dist.staging import check_replaceable, staged_dir
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
@@ -581,11 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 on bad input, with one clear message)."""
     args = build_parser().parse_args(argv)
-    try:
-        derive(DeriveConfig(**vars(args)))
-    except ValueError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    with unwind_on_signals(PROG):
+        try:
+            derive(DeriveConfig(**vars(args)))
+        except ValueError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A tool killed half-way (prepare-data, derive-student) leaves at most a hidden ``.<name>.partial-*``
 sibling, never a half-written output; an existing output is replaced only once the new one
-is complete.
+is complete. Its name carries the host and the process id (``owned_tempdir``), so the next
+run removes what a dead process of this host left, and nothing any live process still uses.
 """
 from __future__ import annotations
 
@@ -10,8 +11,42 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _host() -> str:
+    # The name must stay one path component and must not contain the "-" that separates fields.
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def owned_tempdir(prefix: str, *, dir: str | os.PathLike | None = None) -> Path:
+    """mkdtemp named ``<prefix><host>-<pid>-<random>``, after removing the directories with
+    that prefix that a process of this host left when it died (killed, or the machine lost
+    power): those are this tool's leftovers and nobody's data. A live process's directory,
+    or another host's (a shared file system), is never touched."""
+    parent = Path(dir if dir is not None else tempfile.gettempdir())
+    host = _host()
+    for old in parent.glob(f"{glob_escape(prefix)}{host}-*-*"):
+        pid = old.name[len(prefix) + len(host) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=parent))
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str,
@@ -87,7 +122,7 @@ def staged_dir(out: Path):
     write that ran out of space surfaces as OSError(ENOSPC) whatever library made it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = owned_tempdir(f".{out.name}.partial-", dir=out.parent)
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should be like any mkdir

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import warnings
@@ -23,31 +22,10 @@ from tailkd_dist.config import TrainConfig, load_config, resolve_loss_group
 from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
+from tailkd_dist.signals import StopSignals, fault_pause
 from tailkd_dist.step import train_step
 
 log = logging.getLogger("tailkd_dist")
-
-
-class _Stop:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption): finish the
-    current step, save, exit cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signal = signum
-
-    def requested(self, topo) -> bool:
-        # Ranks may receive the signal at slightly different times: agree (MAX) so every rank
-        # saves at the same step.
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=topo.device)
-        world = topo.group("world")
-        if world is not None:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=world)
-        return bool(flag.item())
 
 
 def build_topology(cfg: TrainConfig) -> Topology:
@@ -186,6 +164,14 @@ def _logged(step: int, cfg) -> bool:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """One training run. SIGTERM / SIGUSR1 / SIGINT inside the step loop: finish the step,
+    save, stop with one line; anywhere else, or a second one: the process ends at once."""
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
+    fault_pause("startup")
     preflight(cfg)
     topo = build_topology(cfg)
     from tailkd_dist.parallel import liveness
@@ -223,7 +209,6 @@ def train(cfg: TrainConfig) -> dict:
         if rank0:
             log.info("resumed from %s (step %d)", tag, start_step)
     tb = TensorBoard(os.path.join(cfg.output_dir, "tb") if rank0 and cfg.logging.tensorboard else None)
-    stop = _Stop()
     bar = None
     if rank0 and cfg.logging.progress_bar:
         from tqdm import tqdm
@@ -245,62 +230,69 @@ def train(cfg: TrainConfig) -> dict:
     last_eval = None
     stopped_by = None
     fresh_epoch = False
-    while step < cfg.optim.max_steps:
-        t0 = time.perf_counter()
-        micro = []
-        while len(micro) < cfg.optim.grad_accum:
-            try:
-                micro.append(next(it))
-                fresh_epoch = False
-            except StopIteration:  # a new epoch (streaming's order is deterministic per epoch)
-                if fresh_epoch:  # a whole epoch gave nothing: another would spin forever
-                    raise ValueError(f"an epoch of data split {cfg.data.train_split!r} gives this rank no micro-batch "
-                                     f"of data.micro_batch_size = {cfg.data.micro_batch_size} rows: lower "
-                                     "data.micro_batch_size, or use fewer ranks or more data")
-                it = iter(train_loader)
-                fresh_epoch = True
-        res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg))
-        step += 1
-        liveness.progress(step)
-        tokens_seen += res.tokens
-        dt = time.perf_counter() - t0
-        scalars = step_scalars(res, cfg)
-        scalars.update({"perf/tokens_per_s": res.tokens / dt, "perf/step_s": dt,
-                        **{f"time/{k}_s": v for k, v in res.times.items()}})
-        if torch.cuda.is_available():
-            scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import resource
+    with stop.step_loop():
+        while step < cfg.optim.max_steps:
+            t0 = time.perf_counter()
+            micro = []
+            while len(micro) < cfg.optim.grad_accum:
+                try:
+                    micro.append(next(it))
+                    fresh_epoch = False
+                except StopIteration:  # a new epoch (streaming's order is deterministic per epoch)
+                    if fresh_epoch:  # a whole epoch gave nothing: another would spin forever
+                        raise ValueError(f"an epoch of data split {cfg.data.train_split!r} gives this rank no micro-batch "
+                                         f"of data.micro_batch_size = {cfg.data.micro_batch_size} rows: lower "
+                                         "data.micro_batch_size, or use fewer ranks or more data")
+                    it = iter(train_loader)
+                    fresh_epoch = True
+            fault_pause("loop")
+            res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg))
+            step += 1
+            liveness.progress(step)
+            tokens_seen += res.tokens
+            dt = time.perf_counter() - t0
+            scalars = step_scalars(res, cfg)
+            scalars.update({"perf/tokens_per_s": res.tokens / dt, "perf/step_s": dt,
+                            **{f"time/{k}_s": v for k, v in res.times.items()}})
+            if torch.cuda.is_available():
+                scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                import resource
 
-            scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        history.append({"step": step, **scalars})
-        if rank0:  # machine-readable per-step record (a resumed run appends the re-run steps)
-            with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
-        if _logged(step, cfg):
-            tb.scalars(scalars, step)
-            if rank0:
-                msg = (f"step {step}/{cfg.optim.max_steps} loss {scalars['loss/total']:.4f} ce {scalars['loss/ce']:.4f} "
-                       f"{cfg.loss.divergence} {scalars[f'loss/{cfg.loss.divergence}']:.4f} aT {scalars['tail/teacher_mass_aT_mean']:.3f} "
-                       f"gnorm {res.grad_norm:.3f} lr {res.lr:.2e} tok/s {scalars['perf/tokens_per_s']:.0f}")
-                (bar.write(msg) if bar else print(msg, flush=True))
-        if bar:
-            bar.update(1)
-        if eval_cfg is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
-            tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
-        if stop.requested(topo):
-            stopped_by = stop.signal or "peer"
-            save(step)
-            break
-        if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
-            save(step)
+                scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            history.append({"step": step, **scalars})
+            if rank0:  # machine-readable per-step record (a resumed run appends the re-run steps)
+                with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+            if _logged(step, cfg):
+                tb.scalars(scalars, step)
+                if rank0:
+                    msg = (f"step {step}/{cfg.optim.max_steps} loss {scalars['loss/total']:.4f} ce {scalars['loss/ce']:.4f} "
+                           f"{cfg.loss.divergence} {scalars[f'loss/{cfg.loss.divergence}']:.4f} aT {scalars['tail/teacher_mass_aT_mean']:.3f} "
+                           f"gnorm {res.grad_norm:.3f} lr {res.lr:.2e} tok/s {scalars['perf/tokens_per_s']:.0f}")
+                    (bar.write(msg) if bar else print(msg, flush=True))
+            if bar:
+                bar.update(1)
+            if eval_cfg is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
+                tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
+            if stop.requested(topo):
+                stopped_by = stop.signal or "peer"
+                where = os.path.join(checkpoint.root(cfg.output_dir), save(step))
+                if rank0:
+                    sys.stderr.write(f"tailkd-train: stopped by {stop.name} after step {step}: checkpoint saved "
+                                     f"in {where}; run the same command again to resume\n")
+                    sys.stderr.flush()
+                break
+            if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
+                save(step)
     if bar:
         bar.close()
     if stopped_by is None:
         if step > start_step or tag is None:  # a finished run started again has nothing new to save
             save(step)
         if eval_cfg is not None:
+            fault_pause("eval")
             last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
             tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
             if rank0:
@@ -308,6 +300,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.checkpoint.export_hf_at_end:
             from tailkd_dist.export import export_live
 
+            fault_pause("export")
             export_live(adapter, os.path.join(cfg.output_dir, "hf_student"), tokenizer_dir=tok)
     tb.close()
     return {"history": history, "eval": last_eval, "step": step, "stopped_by": stopped_by, "adapter": adapter}

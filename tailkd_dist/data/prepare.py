@@ -25,8 +25,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tailkd_dist import __version__
-from tailkd_dist.staging import check_replaceable, staged_dir
+from tailkd_dist.signals import unwind_on_signals
+from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
@@ -238,20 +239,27 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
 
 def _prepare(config: PrepareConfig, out: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="tailkd-prepare-cache-") as cache:
-        corpus = load_corpus(config.inputs, text_column=config.text_column,
-                             max_docs=config.max_docs, val_fraction=config.val_fraction,
-                             txt_sample_by=config.txt_sample_by, cache_dir=cache)
-        if len(corpus.train) == 0:
-            raise ValueError(f"the input {' '.join(config.inputs)} holds no documents: "
-                             "check the files (or the glob) you passed.")
-        if config.val_fraction > 0 and corpus.validation is None:
-            raise ValueError(f"--val-fraction {config.val_fraction} selected no validation "
-                             f"document out of {len(corpus.train)}: use more documents or "
-                             "--val-fraction 0.")
-        with staged_dir(out) as staging:  # --overwrite was checked above
-            manifest = _prepare_into(staging, corpus, config)
-    return manifest
+    # datasets' cache of the corpus: removed on exit, or by the next run if this one is killed
+    cache = owned_tempdir("tailkd-prepare-cache-")
+    try:
+        return _prepare_cached(config, out, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _prepare_cached(config: PrepareConfig, out: Path, cache: Path) -> dict[str, Any]:
+    corpus = load_corpus(config.inputs, text_column=config.text_column,
+                         max_docs=config.max_docs, val_fraction=config.val_fraction,
+                         txt_sample_by=config.txt_sample_by, cache_dir=cache)
+    if len(corpus.train) == 0:
+        raise ValueError(f"the input {' '.join(config.inputs)} holds no documents: "
+                         "check the files (or the glob) you passed.")
+    if config.val_fraction > 0 and corpus.validation is None:
+        raise ValueError(f"--val-fraction {config.val_fraction} selected no validation "
+                         f"document out of {len(corpus.train)}: use more documents or "
+                         "--val-fraction 0.")
+    with staged_dir(out) as staging:  # --overwrite was checked above
+        return _prepare_into(staging, corpus, config)
 
 
 def _prepare_into(staging: Path, corpus, config: PrepareConfig) -> dict[str, Any]:
@@ -349,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.shard_size_limit
     limit = int(limit) if limit.isdigit() else limit  # bytes, or streaming's "64mb" form
     config = PrepareConfig(**{**vars(args), "shard_size_limit": limit})
-    try:
-        prepare(config)
-    except ValueError as error:
-        print(f"tailkd-prepare-data: error: {error}", file=sys.stderr)
-        return 2
+    with unwind_on_signals("tailkd-prepare-data"):
+        try:
+            prepare(config)
+        except ValueError as error:
+            print(f"tailkd-prepare-data: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

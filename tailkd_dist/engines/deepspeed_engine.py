@@ -17,6 +17,7 @@ the factor applied to the heads.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -61,6 +62,7 @@ def ensure_torch_distributed() -> None:
 
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        _unlink_shm_buffer()
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -73,6 +75,22 @@ def ensure_torch_distributed() -> None:
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's shared-memory all-reduce on CPUs (ranks of one machine, started by the
+    ``deepspeed`` launcher, which sets LOCAL_SIZE) creates one 66 MiB file per rank,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never
+    removes it. Every rank maps every other rank's file before its initialisation returns,
+    so after a barrier the names are no longer needed: each rank unlinks its own now, and the
+    memory goes back when the last process mapping it ends, however it ends (even SIGKILL)."""
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return  # no shared-memory all-reduce was set up
+    dist.barrier()  # every rank has mapped every other rank's buffer
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def auto_values(cfg, *, world_size: int, dtype: torch.dtype) -> dict:
