@@ -24,6 +24,11 @@ gradient is final; when a document spans chunks a teacher-only pre-pass computes
 teacher lm_head matmul: 5 matmuls against forward KL's 4; docs/loss.md, "The chunked form").
 Having K and log aT first also lets the main pass stream the teacher's logits in row blocks.
 
+Host syncs, per call and never inside the chunk loop: the group's layout before allocating,
+TAD's "does every document fit inside a chunk?" (it decides the plan) and the finiteness /
+label check at the end. On a CPU (where syncs cost nothing) and for float64 the top-k also
+checks each row block for ties at its boundary (``common.topk_lowest_index``).
+
 Specification: ``docs/loss.md``.
 """
 from __future__ import annotations
@@ -847,10 +852,7 @@ def fused_linear_distill(
         at temperature tau without tau^2, ``kd`` as it enters the loss; a_t_sq / a_s_sq (sums
         of squares) give the tail masses' spread.
 
-    Host syncs, per call and never inside the chunk loop: the group's layout before
-    allocating, TAD's "does every document fit inside a chunk?" (is a pre-pass needed) and the
-    finiteness / label check at the end. On a CPU (where syncs cost nothing) and for float64
-    the top-k also checks each row block for ties at its boundary (``topk_lowest_index``).
+    Host syncs: three per call, none inside the chunk loop (module docstring).
     """
     layout = _check_call(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, doc_ids, student_bias,
