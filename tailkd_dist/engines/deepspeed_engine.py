@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups
 from tailkd_dist.models import is_partitioned
+from tailkd_dist.parallel.single import init_single_process_group
 
 
 def _fill_auto(cfg_json: dict, values: dict) -> dict:
@@ -64,17 +65,12 @@ def ensure_torch_distributed() -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         _unlink_shm_buffer()
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # One process: a private group over an in-memory store (no rendezvous port), then DeepSpeed
+    # wraps it as it wraps a launcher's group.
+    init_single_process_group(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
 def _unlink_shm_buffer() -> None:

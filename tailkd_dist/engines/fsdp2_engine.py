@@ -77,6 +77,7 @@ from torch.distributed.tensor import DTensor
 
 from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups, rng_state, set_rng_state
 from tailkd_dist.models import lm_head_of
+from tailkd_dist.parallel.single import init_single_process_group
 
 log = logging.getLogger("tailkd_dist")
 
@@ -180,11 +181,7 @@ def _decoder_layers(body: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def _ensure_process_group(device: torch.device) -> None:
     """FSDP2 and DTensors need a process group, also for one process: a private 1-rank one."""
-    if dist.is_initialized():
-        return
-    extra = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1, **extra)
+    init_single_process_group(device)
 
 
 def loads_from_rank0(cfg, world_size: int, role: str) -> bool:
