@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -251,9 +252,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}' must be an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"config key '{key}' must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ValueError(f"config key '{key}' must be a string, got {value!r}")
@@ -289,12 +293,43 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
+def read_yaml(path: str | os.PathLike, *, what: str = "config file") -> Any:
+    """A YAML (or JSON) file's content; ValueError with the file, line and column otherwise."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory: give the YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a UTF-8 text file") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", value parsed as YAML, so 3e-4, true, [1,2] work)."""
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like dotted.key=value (e.g. loss.beta=5)")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else ""
+    if not key.strip():
+        raise ValueError(f"override {item!r} has no key before '=': write dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at column {len(key) + 1 + mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"override {item!r}: the value is not valid YAML{at} "
+                         f"({getattr(e, 'problem', None) or 'syntax error'}); quote a string value") from None
     return key.strip(), value
 
 
@@ -302,10 +337,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """Read YAML (or JSON), apply overrides, validate. ValueError names the offending key."""
     raw: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path} does not exist")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
@@ -314,6 +346,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     cfg = _build(TrainConfig, raw)
     validate(cfg)
     return cfg
+
+
+# Attention implementations transformers builds locally (a hub kernel would need a download).
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -328,7 +364,8 @@ def validate(cfg: TrainConfig) -> None:
         (L.beta_scope in ("document", "row"), "loss.beta_scope", "must be 'document' or 'row'"),
         (L.loss_group_size >= 0, "loss.loss_group_size", "must be >= 1 (or 0 for auto)"),
         (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
-        (L.ce_weight >= 0 and L.kd_weight >= 0, "loss.ce_weight/kd_weight", "must be >= 0"),
+        (L.ce_weight >= 0, "loss.ce_weight", "must be >= 0"),
+        (L.kd_weight >= 0, "loss.kd_weight", "must be >= 0"),
         (L.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0"),
         (L.hidden_weight == 0 or L.divergence != "none" or cfg.models.teacher.path or cfg.models.teacher.config,
          "loss.hidden_weight", "needs a teacher"),
@@ -341,13 +378,27 @@ def validate(cfg: TrainConfig) -> None:
         (bool(cfg.data.path), "data.path", "must name the prepared data directory"),
         (cfg.engine.kind in ("deepspeed", "fsdp2"), "engine.kind", "must be 'deepspeed' or 'fsdp2'"),
         (cfg.models.dtype in ("auto", "fp32", "bf16"), "models.dtype", "must be 'auto', 'fp32' or 'bf16'"),
+        (cfg.models.attention in ATTENTION, "models.attention", f"must be one of {', '.join(ATTENTION)}"),
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1"),
         (cfg.logging.every_steps >= 1, "logging.every_steps", "must be >= 1"),
+        (O.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (all(0 <= b < 1 for b in O.betas), "optim.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]"),
+        (O.eps > 0, "optim.eps", "must be > 0"),
+        (O.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)"),
+        (cfg.engine.dist_timeout_s > 0, "engine.dist_timeout_s", "must be > 0 seconds"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = only at the end)"),
+        (cfg.eval.max_batches >= 1, "eval.max_batches", "must be >= 1"),
+        (cfg.eval.ece_bins >= 1, "eval.ece_bins", "must be >= 1"),
+        (not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
+         "is a file, not a directory: choose a directory for the run"),
     ]
+    checks += [(0 <= _get_dotted(cfg, key) < 2**32, key, "must lie in [0, 2**32) (numpy's seed range)")
+               for key in ("seed", "data.shuffle_seed", "models.teacher.init_seed", "models.student.init_seed")]
     for ok, key, why in checks:
         if not ok:
-            value = _get_dotted(cfg, key.split("/")[0])
+            value = _get_dotted(cfg, key)
             raise ValueError(f"config key '{key}' = {value!r} {why}")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
@@ -359,6 +410,9 @@ def validate(cfg: TrainConfig) -> None:
         if spec.path is not None and not os.path.isdir(spec.path):
             raise ValueError(f"config key 'models.{role}.path' = {spec.path!r}: no such directory "
                              "(models are never downloaded: point at a local HF checkpoint)")
+        if spec.path is not None and not os.path.isfile(os.path.join(spec.path, "config.json")):
+            raise ValueError(f"config key 'models.{role}.path' = {spec.path!r} has no config.json: not a "
+                             "Hugging Face model directory (save one with save_pretrained)")
         if spec.config is not None and "model_type" not in spec.config:
             raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
 

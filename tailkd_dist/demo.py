@@ -103,8 +103,11 @@ def load_overlay(path: str | os.PathLike | None) -> dict:
     """A size overlay (configs/demo_tiny.yaml's layout): prepare / eval_rows / teacher / student."""
     if path is None:
         return {}
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    from tailkd_dist.config import read_yaml
+
+    raw = read_yaml(path, what="size overlay") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"size overlay {path} must hold a mapping at the top level")
     unknown = set(raw) - {"prepare", "eval_rows", "teacher", "student"}
     if unknown:
         raise ValueError(f"{path}: unknown overlay section(s) {sorted(unknown)}")

@@ -52,8 +52,16 @@ def _fill_auto(cfg_json: dict, values: dict) -> dict:
 def load_ds_config(path: str, values: dict) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"config key 'engine.ds_config' / 'engine.teacher_ds_config': {path} does not exist")
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno}, "
+                         f"column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"DeepSpeed config {path} is not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object at the top level")
     return _fill_auto(raw, values)
 
 

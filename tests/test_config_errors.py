@@ -1,0 +1,183 @@
+"""Every config field answered with one ValueError naming its dotted key, for each bad kind of
+value it can be given; YAML errors name the file or override, the line and the column.
+
+The table has a row for every leaf field of TrainConfig (a new field without a row fails
+``test_every_field_has_a_row``). Checked in-process through ``load_config`` (what
+tailkd-train, tailkd-preflight and the demo call); the CLI's one-line, rc-2 answer to a
+ValueError is checked by the trainer tests (tests/test_train_deepspeed.py, BAD).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from tailkd_dist.config import TrainConfig, load_config, parse_override
+
+WRONG_TYPE = {"int": [[1], "three", 2.5], "float": ["abc", [1.0]], "bool": ["maybe", 2], "str": [[1], {"a": 1}]}
+NON_FINITE = [float("inf"), float("-inf"), float("nan"), "inf", ".nan"]
+
+# key -> extra bad values beyond the wrong types of its type (None: type errors only)
+TABLE: dict[str, list] = {
+    "output_dir": ["@FILE"],
+    "seed": [-1, 2**32], "models.teacher.init_seed": [-1], "models.student.init_seed": [2**40],
+    "models.teacher.path": ["@MISSING", "@EMPTYDIR", "@FILE"], "models.teacher.config": [{"hidden_size": 8}],
+    "models.teacher.tokenizer": None,
+    "models.student.path": ["@MISSING", "@EMPTYDIR"], "models.student.config": [{}],
+    "models.student.tokenizer": None,
+    "models.dtype": ["fp16", "float32"], "models.attention": ["flash", "kernels-community/x"],
+    "models.freeze_embeddings": None,
+    "data.path": [""], "data.remote": None, "data.train_split": None, "data.eval_split": None,
+    "data.micro_batch_size": [0, -2], "data.num_workers": [-1], "data.shuffle_seed": [-5],
+    "loss.divergence": ["kl", ""], "loss.k": [0, -1], "loss.beta": [0, -1.0] + NON_FINITE,
+    "loss.temperature": [0, -2.0] + NON_FINITE, "loss.ce_weight": [-0.1] + NON_FINITE,
+    "loss.kd_weight": [-1] + NON_FINITE, "loss.jsd_beta": [0, 1, 1.5] + NON_FINITE,
+    "loss.beta_scope": ["batch"], "loss.loss_group_size": [-1], "loss.chunk_size": [0],
+    "loss.hidden_weight": [-1.0] + NON_FINITE, "loss.hidden_layer_map": None,
+    "optim.lr": [0, -1e-4] + NON_FINITE, "optim.weight_decay": [-0.1] + NON_FINITE,
+    "optim.betas": [[0.9], [0.9, 1.0], [-0.1, 0.9], [0.9, "inf"], 0.9],
+    "optim.eps": [0, -1e-8] + NON_FINITE, "optim.warmup_steps": [-1], "optim.max_steps": [0],
+    "optim.min_lr_ratio": [-0.1, 1.5] + NON_FINITE, "optim.grad_clip": [-1.0] + NON_FINITE,
+    "optim.grad_accum": [0],
+    "engine.kind": ["zero", "FSDP"], "engine.ds_config": None, "engine.teacher_ds_config": None,
+    "engine.sharded_load": None, "engine.dist_timeout_s": [0, -5] + NON_FINITE,
+    "engine.activation_checkpointing": None,
+    "checkpoint.every_steps": [0], "checkpoint.keep": [0], "checkpoint.resume": None,
+    "checkpoint.export_hf_at_end": None,
+    "logging.every_steps": [0], "logging.tensorboard": None, "logging.progress_bar": None,
+    "eval.every_steps": [-1], "eval.max_batches": [0], "eval.ece_bins": [0, -3],
+}
+
+
+def _leaves(cls=TrainConfig, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def _kind(tp) -> str | None:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(args[0])
+
+
+def _cases():
+    out = []
+    for key, tp in _leaves():
+        kind = _kind(tp)
+        for v in WRONG_TYPE.get(kind, []):
+            if kind == "str" and key in ("models.teacher.path", "models.student.path"):
+                continue  # checked with the path cases
+            out.append(pytest.param(key, v, id=f"{key}={v!r}"))
+        for v in TABLE.get(key) or []:
+            out.append(pytest.param(key, v, id=f"{key}={v!r}"))
+    return out
+
+
+def _base(tmp_path) -> dict:
+    tiny = {"model_type": "llama", "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return {"output_dir": str(tmp_path / "run"), "data": {"path": str(tmp_path / "data")},
+            "models": {"teacher": {"config": tiny}, "student": {"config": dict(tiny)}}}
+
+
+def _set(raw: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    if key.startswith("models.") and key.endswith(".path"):  # exactly one of path / config
+        node.pop("config", None)
+
+
+def test_every_field_has_a_row():
+    keys = {k for k, _ in _leaves()}
+    assert keys == set(TABLE), f"no row for {sorted(keys - set(TABLE))}; stale rows {sorted(set(TABLE) - keys)}"
+
+
+def test_the_base_config_is_valid(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_base(tmp_path)))
+    load_config(path)
+
+
+@pytest.mark.parametrize("key,value", _cases())
+def test_bad_value_names_its_key(tmp_path, key, value):
+    import yaml
+
+    special = {"@FILE": tmp_path / "a_file", "@MISSING": tmp_path / "absent", "@EMPTYDIR": tmp_path / "empty"}
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    if isinstance(value, str) and value in special:
+        value = str(special[value])
+    raw = _base(tmp_path)
+    _set(raw, key, value)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"'{key}'" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text,where", [
+    ("loss:\n  beta: [1\n  k: 3\n", "line 3, column 4"),
+    ("loss: {beta: 2\n", "line 2, column 1"),
+    ("a: b: c\n", "line 1, column 5"),
+    ("\tloss: 1\n", "line 1, column 1"),
+])
+def test_yaml_error_names_file_line_and_column(tmp_path, text, where):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and where in str(info.value), info.value
+
+
+@pytest.mark.parametrize("item,fragment", [
+    ("loss.beta=[1", "override 'loss.beta=[1'"),
+    ("loss.beta={a: ", "override 'loss.beta={a: '"),
+    ("=3", "no key"),
+    ("loss.beta", "dotted.key=value"),
+])
+def test_bad_override_names_it(item, fragment):
+    with pytest.raises(ValueError) as info:
+        parse_override(item)
+    assert fragment in str(info.value), info.value
+
+
+def test_unreadable_config_files(tmp_path):
+    for name, content, fragment in (("dir", None, "is a directory"), ("bin.yaml", b"\xff\xfe\x00bad", "UTF-8"),
+                                    ("list.yaml", b"- 1\n- 2\n", "mapping")):
+        path = tmp_path / name
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(ValueError) as info:
+            load_config(path)
+        assert fragment in str(info.value) and str(path) in str(info.value), info.value
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ('{"zero_optimization": {"stage": 3,}}', "line 1, column 35"),
+    ('{\n  "train_batch_size": auto\n}', "line 2, column 23"),
+    ("[1, 2]", "JSON object"),
+])
+def test_bad_ds_config_names_the_file_line_and_column(tmp_path, content, fragment):
+    from tailkd_dist.engines.deepspeed_engine import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        load_ds_config(str(path), {})
+    assert str(path) in str(info.value) and fragment in str(info.value), info.value
