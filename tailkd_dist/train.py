@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 import warnings
 
 import torch
@@ -83,7 +84,7 @@ def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
 
 
 def make_loaders(cfg: TrainConfig, *, tok_dir, vocab: int):
-    from tailkd_dist.data.dataset import LoaderConfig, make_loader
+    from tailkd_dist.data.dataset import LoaderConfig, check_local_shards, make_loader
 
     common = dict(local=cfg.data.path if cfg.data.remote is None else os.path.join(cfg.output_dir, "data_cache"),
                   remote=cfg.data.remote, batch_size=cfg.data.micro_batch_size,
@@ -92,6 +93,10 @@ def make_loaders(cfg: TrainConfig, *, tok_dir, vocab: int):
                                      drop_last=True, **common))
     evals = None
     if cfg.data.eval_split in train.dataset.manifest["splits"]:
+        # Every split the run reads is checked now (hashes, like the train split's), not when
+        # the first evaluation comes, possibly hours later; later evaluations check sizes only.
+        check_local_shards(Path(common["local"], cfg.data.eval_split), remote=cfg.data.remote, mode="hash",
+                           algo=LoaderConfig.validate_hash)
         evals = LoaderConfig(split=cfg.data.eval_split, shuffle=False, drop_last=False, local_check="size", **common)
     return train, evals
 

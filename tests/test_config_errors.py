@@ -181,3 +181,26 @@ def test_bad_ds_config_names_the_file_line_and_column(tmp_path, content, fragmen
     with pytest.raises(ValueError) as info:
         load_ds_config(str(path), {})
     assert str(path) in str(info.value) and fragment in str(info.value), info.value
+
+
+def test_corrupt_validation_shard_is_refused_before_training(data, tmp_path):
+    """A damaged shard of the split read only for evaluation: one line naming it at start, rc 2,
+    no training step (it used to fail with an IndexError after the whole run)."""
+    import shutil
+    import subprocess
+
+    from trainer_utils import REPO, command, env, write_config
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    shard = sorted((copy / "validation").glob("shard.*.mds"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(raw))
+    cfg = write_config(tmp_path / "c.yaml", copy, tmp_path / "run", optim__max_steps=2)
+    out = subprocess.run(command(cfg), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert str(shard) in lines[0] and "xxh64" in lines[0], lines
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
