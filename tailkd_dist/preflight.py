@@ -652,8 +652,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
             r.problems.append(f"shards: {e}")
         for role, s in stats.items():
             if seq_len and s.max_positions and seq_len > s.max_positions:
-                r.warnings.append(f"the shards' rows have {seq_len} tokens but the {role} has "
-                                  f"max_position_embeddings {s.max_positions}")
+                # Learned positions fail at step 1 (an index past the table); rotary ones would
+                # train, silently, at positions the model was never made for.
+                r.problems.append(f"the shards' rows have {seq_len} positions but the {role}'s position "
+                                  f"table has {s.max_positions} (max_position_embeddings): prepare the data "
+                                  f"with --seq-len {s.max_positions} or less, or use a {role} with more positions")
 
     # -- engine settings ----------------------------------------------------------------------
     dtype = cfg.models.dtype

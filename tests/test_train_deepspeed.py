@@ -203,6 +203,10 @@ BAD = {
     "missing_model_dir": ({"models__teacher": {"path": "/nonexistent/teacher"}}, "models.teacher.path"),
     # more rows per micro-batch than the split has: every epoch empty (this used to spin forever)
     "empty_epoch": ({"data__micro_batch_size": 100000}, "data.micro_batch_size = 100000 rows but split 'train'"),
+    # rows longer than the student's position table (it used to be a warning, then an error or
+    # silent training past the table at step 1)
+    "position_table": ({"models__student__config__max_position_embeddings": 16},
+                       "the shards' rows have 32 positions but the student's position table has 16"),
 }
 
 
