@@ -1,6 +1,7 @@
 """Helpers for the trainer's end-to-end tests: prepared data, tiny configs, launches."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -49,6 +50,7 @@ def write_config(path: Path, data: Path, out: Path, **overrides) -> Path:
         "logging": {"progress_bar": False},
         "eval": {"max_batches": 2},
     }
+    cfg = copy.deepcopy(cfg)  # overrides must never reach the shared TEACHER / STUDENT dicts
     for dotted, value in overrides.items():
         node = cfg
         *parents, leaf = dotted.split("__")
