@@ -129,18 +129,33 @@ def test_bad_value_names_its_key(tmp_path, key, value):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("text,where", [
-    ("loss:\n  beta: [1\n  k: 3\n", "line 3, column 4"),
-    ("loss: {beta: 2\n", "line 2, column 1"),
-    ("a: b: c\n", "line 1, column 5"),
-    ("\tloss: 1\n", "line 1, column 1"),
+def _load_ds(path):
+    from tailkd_dist.engines.deepspeed_engine import load_ds_config
+
+    return load_ds_config(str(path), {})
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("c.yaml", "loss:\n  beta: [1\n  k: 3\n", "line 3, column 4"),
+    ("c.yaml", "loss: {beta: 2\n", "line 2, column 1"),
+    ("c.yaml", "a: b: c\n", "line 1, column 5"),
+    ("c.yaml", "\tloss: 1\n", "line 1, column 1"),
+    ("ds.json", '{"zero_optimization": {"stage": 3,}}', "line 1, column 35"),
+    ("ds.json", '{\n  "train_batch_size": auto\n}', "line 2, column 23"),
+    ("ds.json", "[1, 2]", "JSON object"),
 ])
-def test_yaml_error_names_file_line_and_column(tmp_path, text, where):
-    path = tmp_path / "c.yaml"
+def test_bad_file_names_the_file_line_and_column(tmp_path, name, text, where):
+    """The config YAML (load_config) and a DeepSpeed JSON (engine.ds_config)."""
+    path = tmp_path / name
     path.write_text(text)
+    _refused(load_config if name.endswith(".yaml") else _load_ds, path, where)
+
+
+def _refused(load, path, fragment):
+    """``load(path)`` raises one ValueError naming the file and ``fragment``."""
     with pytest.raises(ValueError) as info:
-        load_config(path)
-    assert str(path) in str(info.value) and where in str(info.value), info.value
+        load(path)
+    assert str(path) in str(info.value) and fragment in str(info.value), info.value
 
 
 @pytest.mark.parametrize("item,fragment", [
@@ -163,24 +178,7 @@ def test_unreadable_config_files(tmp_path):
             path.mkdir()
         else:
             path.write_bytes(content)
-        with pytest.raises(ValueError) as info:
-            load_config(path)
-        assert fragment in str(info.value) and str(path) in str(info.value), info.value
-
-
-@pytest.mark.parametrize("content,fragment", [
-    ('{"zero_optimization": {"stage": 3,}}', "line 1, column 35"),
-    ('{\n  "train_batch_size": auto\n}', "line 2, column 23"),
-    ("[1, 2]", "JSON object"),
-])
-def test_bad_ds_config_names_the_file_line_and_column(tmp_path, content, fragment):
-    from tailkd_dist.engines.deepspeed_engine import load_ds_config
-
-    path = tmp_path / "ds.json"
-    path.write_text(content)
-    with pytest.raises(ValueError) as info:
-        load_ds_config(str(path), {})
-    assert str(path) in str(info.value) and fragment in str(info.value), info.value
+        _refused(load_config, path, fragment)
 
 
 def test_corrupt_validation_shard_is_refused_before_training(data, tmp_path):
