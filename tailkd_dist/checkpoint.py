@@ -158,6 +158,16 @@ def check_output_dir(cfg: TrainConfig) -> None:
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"config key 'output_dir' = {out!r} exists and is not a directory: choose another")
+    # The nearest existing directory must let this user create and rename entries: else the first
+    # write (the run marker, after the models are loaded) or the first save fails much later.
+    base = os.path.abspath(out)
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ValueError(f"config key 'output_dir' = {out!r} cannot be created: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"config key 'output_dir' = {out!r} cannot be written: {base} is read-only or not "
+                         "writable by this user; choose another output_dir")
     if os.path.isdir(out) and os.listdir(out):
         if not (os.path.isfile(os.path.join(out, RUN_MARKER)) or os.path.isdir(root(out))):
             raise ValueError(f"config key 'output_dir' = {out!r} is a directory that is not empty and not a "

@@ -423,3 +423,24 @@ def test_demo_and_study_refuse_a_foreign_out_dir(tmp_path, prog):
     assert "error:" in last and "not an output of tailkd-demo" in last and "--out" in last, last
     assert snapshot(mine) == {"runs/tad/notes.txt": hashlib.sha256(b"a user's file").hexdigest()}
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("where", ["read_only", "under_a_file"])
+def test_unwritable_output_dir_is_refused_before_loading(data, tmp_path, where):
+    """An output_dir that cannot be created (a read-only file system, a file in its path): one
+    line naming it at start (the preflight, before any model is built), rc 2."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if where == "read_only":
+        out, needle = mnt / "run", "is read-only or not writable"
+    else:
+        (tmp_path / "afile").write_text("x")
+        out, needle = tmp_path / "afile" / "run", "is a file, not a directory"
+    cfg = write_config(tmp_path / "c.yaml", data, out, optim__max_steps=2)
+    train = " ".join(command(cfg))
+    script = f"mount -t tmpfs -o ro,size=64k tailkd-test {mnt} && {train}"
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], env=env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr[-3000:]
+    assert "output_dir" in lines[0] and "Traceback" not in res.stderr
