@@ -781,7 +781,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host-memory-gib", type=float, help="RAM of one node (GPU runs: the model-loading check)")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
     ap.add_argument("--quiet", action="store_true", help="print only the verdict and the problems")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tailkd_dist.config import load_config
 

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. loss.beta=5")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed 0.19 still calls torch's pre-2.13 collective names, which warn on every call.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*is deprecated.*")

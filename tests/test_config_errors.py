@@ -202,3 +202,20 @@ def test_corrupt_validation_shard_is_refused_before_training(data, tmp_path):
     assert str(shard) in lines[0] and "xxh64" in lines[0], lines
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("tool", ["train", "preflight"])
+def test_overrides_may_follow_the_options(tmp_path, capsys, tool):
+    """`tailkd-train CONFIG --engine fsdp2 loss.beta=0`: the override is read (and its error
+    reported), not refused as an unrecognised argument."""
+    import importlib
+
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_base(tmp_path)))
+    main = importlib.import_module(f"tailkd_dist.{tool}").main
+    extra = ["--world-size", "1"] if tool == "preflight" else []
+    rc = main([str(path), "--engine", "fsdp2", *extra, "loss.beta=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'loss.beta' = 0.0 must be > 0" in err and "unrecognized" not in err, err
