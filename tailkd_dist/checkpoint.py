@@ -40,7 +40,7 @@ import torch.distributed as dist
 import yaml
 
 from tailkd_dist.config import TrainConfig, dump_yaml, to_dict
-from tailkd_dist.staging import describe_write_error, free_bytes, no_space
+from tailkd_dist.staging import check_creatable_dir, describe_write_error, free_bytes, no_space, write_atomic
 
 log = logging.getLogger("tailkd_dist")
 
@@ -156,18 +156,8 @@ def check_output_dir(cfg: TrainConfig) -> None:
     """Every rank, before anything is built: the output directory is new, empty or a run
     directory; a fresh start never lands among another run's checkpoints."""
     out = cfg.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"config key 'output_dir' = {out!r} exists and is not a directory: choose another")
-    # The nearest existing directory must let this user create and rename entries: else the first
-    # write (the run marker, after the models are loaded) or the first save fails much later.
-    base = os.path.abspath(out)
-    while not os.path.exists(base):
-        base = os.path.dirname(base)
-    if not os.path.isdir(base):
-        raise ValueError(f"config key 'output_dir' = {out!r} cannot be created: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"config key 'output_dir' = {out!r} cannot be written: {base} is read-only or not "
-                         "writable by this user; choose another output_dir")
+    # Also here: train() may be given a TrainConfig that load_config never validated.
+    check_creatable_dir(out, key="output_dir")
     if os.path.isdir(out) and os.listdir(out):
         if not (os.path.isfile(os.path.join(out, RUN_MARKER)) or os.path.isdir(root(out))):
             raise ValueError(f"config key 'output_dir' = {out!r} is a directory that is not empty and not a "
@@ -186,7 +176,7 @@ def start_run_dir(cfg: TrainConfig, *, fresh: bool) -> None:
     os.makedirs(out, exist_ok=True)
     marker = os.path.join(out, RUN_MARKER)
     if not os.path.isfile(marker):
-        _write_atomic(marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        write_atomic(marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     metrics = os.path.join(out, "metrics.jsonl")
     if fresh and os.path.exists(metrics):
         aside = os.path.join(out, f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -265,20 +255,6 @@ def new_run_id() -> str:
 
 
 # --------------------------------------------------------------------------- save
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fsync_dir(path: str) -> None:
@@ -362,16 +338,16 @@ def _check_space(r: str, previous: str | None) -> None:
 def _commit(r: str, tag: str, *, cfg: TrainConfig, trainer_state: dict) -> None:
     """Rank 0: finish ``tag.partial`` and put it in place; only then delete what it replaces."""
     staged, final = os.path.join(r, tag + PARTIAL), os.path.join(r, tag)
-    _write_atomic(os.path.join(staged, "trainer_state.json"), json.dumps(trainer_state, indent=1))
+    write_atomic(os.path.join(staged, "trainer_state.json"), json.dumps(trainer_state, indent=1))
     dump_yaml(cfg, os.path.join(staged, "config.yaml"))
-    _write_atomic(os.path.join(staged, COMPLETE), "")
+    write_atomic(os.path.join(staged, COMPLETE), "")
     aside = None
     if os.path.isdir(final):  # the same step saved again (a finished run started again, a re-run)
         aside = final + REPLACED
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(final, aside)
     os.rename(staged, final)
-    _write_atomic(os.path.join(r, "latest"), tag)
+    write_atomic(os.path.join(r, "latest"), tag)
     _fsync_dir(r)
     if aside:
         shutil.rmtree(aside)

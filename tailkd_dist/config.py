@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tailkd_dist.losses.common import DIVERGENCES
+from tailkd_dist.staging import check_creatable_dir, write_atomic
 
 
 @dataclass(kw_only=True)
@@ -391,8 +392,6 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 = only at the end)"),
         (cfg.eval.max_batches >= 1, "eval.max_batches", "must be >= 1"),
         (cfg.eval.ece_bins >= 1, "eval.ece_bins", "must be >= 1"),
-        (not os.path.exists(cfg.output_dir) or os.path.isdir(cfg.output_dir), "output_dir",
-         "is a file, not a directory: choose a directory for the run"),
     ]
     checks += [(0 <= _get_dotted(cfg, key) < 2**32, key, "must lie in [0, 2**32) (numpy's seed range)")
                for key in ("seed", "data.shuffle_seed", "models.teacher.init_seed", "models.student.init_seed")]
@@ -400,6 +399,8 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             value = _get_dotted(cfg, key)
             raise ValueError(f"config key '{key}' = {value!r} {why}")
+    # The output directory can be made: else the first write, after the models are loaded, fails.
+    check_creatable_dir(cfg.output_dir, key="output_dir")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
         if role == "teacher" and spec.path is None and spec.config is None and L.divergence == "none":
@@ -437,7 +438,4 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 def dump_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """The resolved config (what checkpoints carry)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -454,7 +454,11 @@ def teacher_stage(*, cache_dir: Path, data: Path, data_key: str, nproc: int, eng
         shutil.rmtree(slot)
     if (slot / "teacher.json").exists() and (slot / "hf_student" / "config.json").exists():
         return None, slot, slot / "config.yaml"
-    work = cache_dir / "teachers" / f".teacher-{key}.partial-{os.getpid()}"
+    from tailkd_dist.staging import owned_tempdir
+
+    # Named by host and pid: a killed demo's half-trained teacher is removed by the next run.
+    (cache_dir / "teachers").mkdir(parents=True, exist_ok=True)
+    work = owned_tempdir(f".teacher-{key}.partial-", dir=cache_dir / "teachers")
     raw["output_dir"] = str(work)
     cfg_path = write_config(raw, cache_dir / "teachers" / f"teacher-{key}.yaml")
     stage = {"name": "teacher", "label": "teacher", "config": str(cfg_path),

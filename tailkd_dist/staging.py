@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import socket
@@ -31,6 +32,36 @@ def _host() -> str:
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small file whole or not at all: a temporary sibling, fsync, rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_creatable_dir(path: str | os.PathLike, *, key: str) -> None:
+    """ValueError (naming the config ``key``) unless ``path`` is a directory or can be made one
+    by this user: not a file, no file on its way, the nearest existing directory writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"config key '{key}' = {str(path)!r} is a file, not a directory: choose a directory")
+    base = os.path.abspath(path)
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ValueError(f"config key '{key}' = {str(path)!r} cannot be created: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"config key '{key}' = {str(path)!r} cannot be written: {base} is read-only or not "
+                         f"writable by this user; choose another {key}")
+
+
 def owned_tempdir(prefix: str, *, dir: str | os.PathLike | None = None) -> Path:
     """mkdtemp named ``<prefix><host>-<pid>-<random>``, after removing the directories with
     that prefix that a process of this host left when it died (killed, or the machine lost
@@ -38,15 +69,11 @@ def owned_tempdir(prefix: str, *, dir: str | os.PathLike | None = None) -> Path:
     or another host's (a shared file system), is never touched."""
     parent = Path(dir if dir is not None else tempfile.gettempdir())
     host = _host()
-    for old in parent.glob(f"{glob_escape(prefix)}{host}-*-*"):
+    for old in parent.glob(f"{glob.escape(prefix)}{host}-*-*"):
         pid = old.name[len(prefix) + len(host) + 1:].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=parent))
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def check_replaceable(out: Path, *, overwrite: bool, marker: str, producer: str,

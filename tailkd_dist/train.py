@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import torch
 

@@ -2,7 +2,7 @@
 
 Every per-token exchange of the loss group moves one [positions, width] tensor: an all-gather
 of each rank's candidates, or a SUM of partial sums. A :class:`Columns` names the columns of
-such a tensor (some, like the teacher's top-k values, are several columns wide), packs named
+such a tensor (some, like the teacher's top-k values, are several columns wide), writes named
 pieces into one tensor for a single collective and hands back named views of the result, so
 no code reads a collective by offset.
 
@@ -35,22 +35,11 @@ class Columns:
         return Columns(self.fields + other.fields)
 
     @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.fields)
-
-    @property
     def width(self) -> int:
         return sum(1 if w is None else w for _, w in self.fields)
 
     def zeros(self, rows: int, *, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(rows, self.width)
-
-    def pack(self, **pieces: torch.Tensor) -> torch.Tensor:
-        """Named pieces ([rows] or [rows, width]) -> one [rows, width] tensor, in wire order."""
-        if set(pieces) != set(self.names):
-            raise KeyError(f"columns {sorted(self.names)} expected, got {sorted(pieces)}")
-        parts = [pieces[n][:, None] if w is None else pieces[n] for n, w in self.fields]
-        return torch.cat([p.to(parts[0].dtype) for p in parts], 1)
 
     def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """[..., rows, width] -> {name: view}; no copy."""

@@ -308,6 +308,7 @@ class _ChunkRows:
     """Per-row quantities of one chunk that its sweeps read."""
 
     rows: slice  # the chunk's positions in the call
+    vf: torch.Tensor  # 1.0 at valid positions, else 0.0
     top_local: torch.Tensor | None
     top_owned: torch.Tensor | None
     lab_local: torch.Tensor
@@ -522,18 +523,16 @@ class _Chunker:
         return _student_from_candidates(self.student_cols.unpack(g), self.o.tau)
 
     # -- one chunk ------------------------------------------------------------------------
-    def localise(self, top):
-        if top is None:
+    def localise(self, ids, mask=None):
+        """Global token ids -> (column in this rank's slice, 0 where not owned; owned), for K
+        and for the labels (``mask``: valid positions)."""
+        if ids is None:
             return None, None
         off, vl = self.L.vocab_offset, self.L.vocab_local
-        owned = (top >= off) & (top < off + vl)
-        return torch.where(owned, top - off, torch.zeros_like(top)), owned
-
-    def labels_local(self, rows):
-        L = self.L
-        lab = self.labels[rows]
-        owned = self.valid[rows] & (lab >= L.vocab_offset) & (lab < L.vocab_offset + L.vocab_local)
-        return torch.where(owned, lab - L.vocab_offset, torch.zeros_like(lab)), owned
+        owned = (ids >= off) & (ids < off + vl)
+        if mask is not None:
+            owned &= mask
+        return torch.where(owned, ids - off, torch.zeros_like(ids)), owned
 
     def chunk(self, rows: slice, plan: TeacherPlan):
         """Steps 1-4 for one chunk -> (per-token stats rows, count of non-finite teachers)."""
@@ -544,10 +543,10 @@ class _Chunker:
         st = self.student_rows(s, top_local, owned)
         s.sub_(st.lse[:, None])
         vf = self.valid[rows].to(self.cdtype)
-        lab_local, lab_owned = self.labels_local(rows)
+        lab_local, lab_owned = self.localise(self.labels[rows], self.valid[rows])
         beta_x = plan.beta_x(rows, t)
         cr = _ChunkRows(
-            rows, top_local, owned, lab_local, lab_owned, st.lse, st.lse_raw, beta_x,
+            rows, vf, top_local, owned, lab_local, lab_owned, st.lse, st.lse_raw, beta_x,
             None if t.log_tail is None else t.log_tail - st.log_tail,
             # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
             kd_row=(self.o.kd_weight * self.o.tau) * vf, ce_row=self.o.ce_weight * vf,
@@ -622,8 +621,7 @@ class _Chunker:
     def finish(self, tok: dict, cr: _ChunkRows, t: TeacherRows, st: StudentRows):
         """Per-token values from the reduced sums (identical on every rank of the group), one
         column per STAT_KEYS entry; NaN for the statistics not asked for."""
-        o = self.o
-        vf = self.valid[cr.rows].to(self.cdtype)
+        o, vf = self.o, cr.vf
         out = dict(valid_count=vf, ce=-tok["lq_label"], beta_x=cr.beta_x)
         if self.tails:
             a_t, a_s = t.log_tail.exp(), st.log_tail.exp()
