@@ -35,3 +35,30 @@ def test_backward_is_counted():
     both = count_passes(lambda: torch.log_softmax(x, -1).sum().backward(), vocab=V, rows=ROWS)["passes"]
     assert forward_only == 2  # reads x, writes the result
     assert both >= forward_only + 3, both  # the backward reads grad and result, writes grad x
+
+
+def test_allocations_and_the_self_of_new_ops_are_not_passes():
+    x = torch.randn(ROWS, V)
+
+    def fn():
+        buf = torch.empty(ROWS, V)       # allocates, writes nothing: 0
+        x.new_zeros(ROWS, 3)             # reads nothing of x, writes [ROWS, 3]: 0
+        z = x.new_zeros(ROWS, V)         # writes zeros: 1
+        buf.copy_(x)                     # reads x, reads and writes buf (in place): 3
+        return z
+
+    r = count_passes(fn, vocab=V, rows=ROWS)
+    assert r["passes"] == 1 + 3, r
+
+
+def test_an_argument_written_in_place_but_not_returned_counts_as_written():
+
+    @torch.library.custom_op("passcount_test::fill_from", mutates_args=("out",))
+    def fill_from(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(x * 2)
+        return x.sum(-1)
+
+    x, out = torch.randn(ROWS, V), torch.empty(ROWS, V)
+    r = count_passes(lambda: fill_from(x, out), vocab=V, rows=ROWS)
+    assert r["passes"] == 1 + 1 + 1, r  # x read; out passed; out written (not returned)
+    assert torch.equal(out, x * 2)

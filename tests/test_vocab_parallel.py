@@ -65,6 +65,7 @@ class Case:
     # Only the group run is patched, so the single-process reference keeps whole chunks.
     teacher_rows: int | None = None
     stats: bool = True  # False: the monitoring statistics are skipped (compared to a P = 1 run with them)
+    compiled: bool | None = None  # the row passes (fused_linear_distill(compiled=...)); the P = 1 reference is eager
 
     def row_shards(self) -> tuple[int, ...]:
         if self.shards is not None:
@@ -85,6 +86,7 @@ class Case:
             chunk_size=self.chunk_size,
             ignore_index=self.ignore_index,
             stats=self.stats,
+            compiled=self.compiled,
         )
 
 
@@ -380,11 +382,15 @@ def check_close(what: str, a: torch.Tensor, b: torch.Tensor, tol: float, errors:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_parity_with_single_process(case: Case, parity_results):
+    check_parity(case, parity_results[case.name])
+
+
+def check_parity(case: Case, got: list[dict]) -> None:
+    """The group's results (one per group rank) against one process on the whole batch."""
     tol = TOL[case.dtype]
     full = make_full_inputs(case)
-    # stats=False is checked against a single process that computes everything
-    ref = run_loss(dataclasses.replace(case, stats=True), full, vocab_group=None)
-    got = parity_results[case.name]
+    # stats=False is checked against a single process that computes everything, eagerly
+    ref = run_loss(dataclasses.replace(case, stats=True, compiled=False), full, vocab_group=None)
     errors: list[str] = []
 
     check_close("loss_sum (sum over ranks)", sum(r["loss"] for r in got), ref["loss"], tol, errors)

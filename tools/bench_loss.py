@@ -56,19 +56,41 @@ def one(args) -> dict:
 
     def fused():
         loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=args.div, k=10, beta=2.0,
-                                       chunk_size=args.chunk)
+                                       chunk_size=args.chunk, compiled=args.row_passes == "compiled")
         loss.backward()
 
     fn = naive if args.impl == "naive" else fused
+    compile_s = None
+    if args.impl == "fused" and args.row_passes == "compiled":
+        # The first call compiles (reported apart); time and memory are the steady state's.
+        compile_s = _time(fn)
+        hs.grad = ws.grad = None
     secs, peak = benchutil.measure(fn, device=device)
     times = [secs]
     for _ in range(args.repeats - 1):
         hs.grad = ws.grad = None
         times.append(benchutil.measure(fn, device=device)[0] if device.type == "cuda" else _time(fn))
-    return {"seconds": min(times), "peak": peak}
+    return {"seconds": min(times), "peak": peak, "first_call": compile_s}
 
 
+# Allocations write no element (a pass is a read or write of every logit).
+ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv", "addmv")
+
+
+def _logit_sized(t, vocab: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
+
+
+def _mutated(func, args, kwargs):
+    """(name, tensor) of the arguments the operator's schema marks as written."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = args[i] if i < len(args) else kwargs.get(a.name)
+            if isinstance(v, torch.Tensor):
+                out.append((a.name, v))
+    return out
 
 
 def count_passes(fn, *, vocab: int, rows: int) -> dict:
@@ -81,8 +103,13 @@ def count_passes(fn, *, vocab: int, rows: int) -> dict:
     up: tensors of two or more dimensions whose last size is ``vocab`` (pick a vocabulary
     size no other dimension has, e.g. 32003). An in-place operator's tensor counts as input
     and as output (it is read and written). The sum divided by rows * vocab is the number of
-    passes over the logits. A compiled or custom kernel would count its logit-sized inputs and
-    outputs once each, which is what this counts for any single operator."""
+    passes over the logits. Allocations (``empty``) write nothing and are not counted, nor is
+    the ``self`` of ``new_zeros`` & co. (only its dtype is read). A compiled or custom kernel counts its logit-sized inputs and
+    outputs once each, which is what this counts for any single operator; an argument it
+    writes without returning it (a custom operator's output buffer) counts as written too.
+    The fused loss's compiled row passes are such operators (``rowpass``: one ``tailkd::``
+    operator each, compiled with no [rows, V] intermediate; tests/test_rowpass_compiled.py
+    checks Inductor's generated code for that)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -96,9 +123,14 @@ def count_passes(fn, *, vocab: int, rows: int) -> dict:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if name not in MATMULS and not func.is_view:
-                flat, _ = tree_flatten((args, kwargs or {}, out))
-                n = sum(t.numel() for t in flat if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab)
+            if name not in MATMULS and not func.is_view and name not in ALLOCATIONS:
+                # new_zeros & co. take only dtype and device from ``self``: its data is not read.
+                flat, _ = tree_flatten((args[1:] if name.startswith("new_") else args, kwargs or {}, out))
+                outs = {id(t) for t in tree_flatten(out)[0]}
+                # An argument the operator writes but does not return (a custom op's output
+                # buffer) is read or not, but written: it counts once more.
+                written = [v for _, v in _mutated(func, args, kwargs or {}) if id(v) not in outs]
+                n = sum(t.numel() for t in flat + written if _logit_sized(t, vocab))
                 if n:
                     self.by_op[name] += n
             return out
@@ -127,13 +159,18 @@ def passes_table(args) -> None:
                 t = ht @ wt.t()
             (cross_entropy(s, labels) + refs[div](s, t)).sum().backward()
 
-        def fused(stats=True):
+        def fused(stats=True, compiled=False):
             loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=div, k=10, beta=2.0,
-                                           chunk_size=args.chunk, stats=stats)
+                                           chunk_size=args.chunk, stats=stats, compiled=compiled)
             loss.backward()
 
-        # "fused, no stats": a training step between logged ones (stats=False)
-        for impl, fn in (("naive", naive), ("fused", fused), ("fused, no stats", lambda: fused(False))):
+        # "no stats": a training step between logged ones (stats=False); "compiled": the row
+        # passes compiled (the default on CUDA), warmed up first so compilation is not counted
+        impls = [("naive", naive), ("fused", fused), ("fused, no stats", lambda: fused(False))]
+        impls += [("fused, compiled", lambda: fused(True, True)), ("fused, compiled, no stats", lambda: fused(False, True))]
+        for impl, fn in impls:
+            if "compiled" in impl:
+                fn()
             hs.grad = ws.grad = None
             r = count_passes(fn, vocab=v, rows=args.n)
             rows.append([div, impl, f"{r['passes']:.1f}", ", ".join(f"{k} {x}" for k, x in r["top"][:5])])
@@ -160,6 +197,9 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    ap.add_argument("--row-passes", choices=["eager", "compiled"], default="eager",
+                    help="the fused loss's row passes (fused_linear_distill(compiled=...)); compiled: the first "
+                         "call (compilation included) is run and reported apart")
     ap.add_argument("--passes", action="store_true",
                     help="count element-wise passes per logit instead of timing (first --vocab; see count_passes)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -177,7 +217,7 @@ def main(argv=None):
 
     me = os.path.abspath(__file__)
     common = ["--n", str(args.n), "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats),
-              "--threads", str(args.threads)]
+              "--threads", str(args.threads), "--row-passes", args.row_passes]
     rows = []
     for v in args.vocab:
         res = {}
@@ -186,8 +226,9 @@ def main(argv=None):
                 r = benchutil.run_isolated(me, ["--one", "--impl", impl, "--div", div, "--chunk", str(chunk),
                                                 "--vocab", str(v)] + common)
                 res[(div, impl, chunk)] = r
+                first = f", first call {r['first_call']:.1f} s" if r.get("first_call") is not None else ""
                 print(f"  V={v} {div:10s} {impl:5s} chunk={chunk:5d}: {r['seconds']:.2f} s, "
-                      f"peak {benchutil.mib(r['peak'])} MiB", file=sys.stderr, flush=True)
+                      f"peak {benchutil.mib(r['peak'])} MiB{first}", file=sys.stderr, flush=True)
         for div in ("forward_kl", "tad"):
             nv = res[(div, "naive", 1024)]
             for chunk in [1024] + args.chunks:
@@ -199,7 +240,8 @@ def main(argv=None):
                     f"{100 * fu['peak'] / nv['peak']:.1f}%", f"{fu['seconds'] / kl['seconds']:.2f}",
                 ])
     clock = "wall s (CUDA)" if torch.cuda.is_available() else f"CPU s of the process ({args.threads} thread(s))"
-    print(f"N={args.n}, d={args.d}, {args.dtype}, k=10, beta=2, CE + divergence, fwd+bwd, time = {clock}, "
+    print(f"N={args.n}, d={args.d}, {args.dtype}, k=10, beta=2, CE + divergence, fwd+bwd, row passes "
+          f"{args.row_passes}, time = {clock}, "
           f"best of {args.repeats}; {benchutil.machine()}")
     print(benchutil.table(
         ["V", "divergence", "fused chunk", "naive s", "fused s", "fused/naive time", "naive peak MiB",

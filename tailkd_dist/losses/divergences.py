@@ -11,7 +11,6 @@ Specification: ``docs/loss.md`` ("The divergences", "The chunked form").
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,56 +22,47 @@ from .columns import Columns
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) on a row block. Not bmm: its float32 accumulation over a 32k-long row
-    drifts ~4e-6 relative; sum() reduces pairwise (~1e-7). The temporary is block-sized."""
+    drifts ~4e-6 relative; sum() reduces pairwise (~1e-7)."""
     return (a * b).sum(-1)
-
-
-def add_at(buf: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, values) -> None:
-    """buf[row, idx] += values where ``owned``. Entries not owned by this rank point at column
-    0 and add exactly 0, so an accumulating index_put is exact whatever the duplicates (also
-    for values of -inf: x + 0 stays x)."""
-    n, v = buf.shape
-    flat = (idx + torch.arange(n, device=idx.device)[:, None] * v).reshape(-1)
-    if not torch.is_tensor(values):
-        values = torch.full(idx.shape, float(values), dtype=buf.dtype, device=buf.device)
-    vals = torch.where(owned, values.to(buf.dtype), torch.zeros((), dtype=buf.dtype, device=buf.device))
-    buf.view(-1).index_put_((flat,), vals.reshape(-1), accumulate=True)
 
 
 @dataclass
 class RowBlock:
-    """Rows of a chunk during its element-wise sweep: views of the normalised logits and the
-    per-row quantities a divergence reads. p, q and log p - log q are block-sized temporaries
-    made on first use."""
+    """Rows of a chunk inside a row pass, as pure tensors: the normalised logits and the
+    per-row quantities a divergence reads (per-row ones as [b, 1] columns so they broadcast).
+    p, q and log p - log q are made on first use. Nothing here writes in place: a row pass is
+    one function that ``torch.compile`` fuses whole (``rowpass``)."""
 
     log_p: torch.Tensor  # [b, V_r] teacher log-probabilities (this rank's vocabulary slice)
-    log_q: torch.Tensor  # [b, V_r] student log-probabilities; the gradient overwrites it
-    top_local: torch.Tensor | None  # [b, k] column of each K member in this slice (0 if not
-    top_owned: torch.Tensor | None  # owned), and does this rank own it; None without K
-    beta_x: torch.Tensor  # [b] TAD's beta(X) of the row's document (0 for the others)
-    log_ratio: torch.Tensor  # [b] log aT - log aS
+    log_q: torch.Tensor  # [b, V_r] student log-probabilities
+    in_k: torch.Tensor | None  # [b, V_r] bool: the entry is one of the teacher's top-k K
+    beta_x: torch.Tensor  # [b, 1] TAD's beta(X) of the row's document (0 for the others)
+    log_ratio: torch.Tensor | None  # [b, 1] log aT - log aS
     jsd_beta: float
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # reduced sums (second sweep)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # reduced sums [b, 1] (second pass)
 
-    @functools.cached_property
+    # Made on first use (not functools.cached_property: its lock stops torch.compile on 3.11).
+    _p: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _q: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _diff: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
     def p(self) -> torch.Tensor:
-        return self.log_p.exp()
+        if self._p is None:
+            self._p = self.log_p.exp()
+        return self._p
 
-    @functools.cached_property
+    @property
     def q(self) -> torch.Tensor:
-        return self.log_q.exp()
+        if self._q is None:
+            self._q = self.log_q.exp()
+        return self._q
 
-    @functools.cached_property
+    @property
     def diff(self) -> torch.Tensor:
-        return torch.sub(self.log_p, self.log_q)
-
-    def drop(self, name: str) -> None:
-        """Free a made-on-first-use temporary (made again if read later)."""
-        self.__dict__.pop(name, None)
-
-    def add_at_top(self, buf: torch.Tensor, values) -> None:
-        """buf[row, K_local] += values where this rank owns the K entry (duplicates-safe)."""
-        add_at(buf, self.top_local, self.top_owned, values)
+        if self._diff is None:
+            self._diff = self.log_p - self.log_q
+        return self._diff
 
     def log_m(self) -> torch.Tensor:
         """JSD's mixture log(b p + (1-b) q), from the logs (no underflow of p or q)."""
@@ -108,7 +98,9 @@ class Divergence:
     def value(self, tok: dict, jsd_beta: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def grad(self, blk: RowBlock, out: torch.Tensor) -> None:
+    def grad(self, blk: RowBlock) -> torch.Tensor:
+        """d(divergence)/d(student logits) on the block (a new tensor; the row pass stores it
+        over the student's logits)."""
         raise NotImplementedError
 
 
@@ -116,8 +108,8 @@ class ForwardKL(Divergence):
     def value(self, tok, jsd_beta):
         return tok["kl"]
 
-    def grad(self, blk, out):
-        torch.sub(blk.q, blk.p, out=out)
+    def grad(self, blk):
+        return torch.sub(blk.q, blk.p)
 
 
 class TAD(Divergence):
@@ -137,16 +129,13 @@ class TAD(Divergence):
     def value(self, tok, jsd_beta):
         return tok["kl"] + (tok["beta_x"] - 1.0) * tok["at_d2"]
 
-    def grad(self, blk, out):
+    def grad(self, blk):
         # j in K: q_j - p_j; j in tail: (q_j - p_j) + (beta(X)-1) (q_j aT/aS - p_j)  (spec).
         # q_j aT/aS is formed as exp(log q_j + log aT - log aS): exact even when aS underflows.
-        # Clamped: top-k entries (zeroed next) could overflow; tail entries are <= aT <= 1.
-        tail = torch.add(blk.log_q, blk.log_ratio[:, None]).clamp_(max=0.0).exp_()
-        blk.add_at_top(tail, -tail.gather(1, blk.top_local))
-        tail.sub_(blk.p)
-        blk.add_at_top(tail, blk.p.gather(1, blk.top_local))  # K entries back to exactly 0
-        torch.sub(blk.q, blk.p, out=out)
-        out.addcmul_(tail, (blk.beta_x - 1.0)[:, None])
+        # Clamped: K entries (masked out) could overflow; tail entries are <= aT <= 1.
+        # In place on the hook's own temporary (one block-sized allocation when eager).
+        tail = torch.add(blk.log_q, blk.log_ratio).clamp_(max=0.0).exp_().sub_(blk.p).masked_fill_(blk.in_k, 0.0)
+        return tail.mul_(blk.beta_x - 1.0).add_(blk.q).sub_(blk.p)
 
 
 class ReverseKL(Divergence):
@@ -160,10 +149,9 @@ class ReverseKL(Divergence):
     def value(self, tok, jsd_beta):
         return tok["rkl"]
 
-    def grad(self, blk, out):
+    def grad(self, blk):
         # d/ds_j sum q log(q/p) = q_j (log q_j - log p_j - RKL)
-        torch.add(blk.diff, blk.sums["rkl"][:, None], out=out)
-        out.neg_().mul_(blk.q)
+        return torch.add(blk.diff, blk.sums["rkl"]).mul_(blk.q).neg_()
 
 
 class JSD(Divergence):
@@ -172,27 +160,23 @@ class JSD(Divergence):
 
     def partials(self, blk):
         log_m = blk.log_m()
-        scratch = torch.sub(blk.log_p, log_m)
-        jp = rowdot(blk.p, scratch)
-        torch.sub(blk.log_q, log_m, out=scratch)
-        return {"jsd_p": jp, "jsd_q": rowdot(blk.q, scratch)}
+        return {"jsd_p": rowdot(blk.p, blk.log_p - log_m), "jsd_q": rowdot(blk.q, blk.log_q - log_m)}
 
     def value(self, tok, jsd_beta):
         return jsd_beta * tok["jsd_p"] + (1.0 - jsd_beta) * tok["jsd_q"]
 
-    def grad(self, blk, out):
+    def grad(self, blk):
         # dJSD/dq_i = (1-b) log(q_i/m_i); through the softmax: q_j (g_j - sum_i q_i g_i),
         # and sum_i q_i g_i = (1-b) KL(q||m) = (1-b) * jsd_q.
-        torch.sub(blk.log_q, blk.log_m(), out=out)
-        out.sub_(blk.sums["jsd_q"][:, None]).mul_((1.0 - blk.jsd_beta) * blk.q)
+        return torch.sub(blk.log_q, blk.log_m()).sub_(blk.sums["jsd_q"]).mul_(blk.q).mul_(1.0 - blk.jsd_beta)
 
 
 class CrossEntropyOnly(Divergence):
     def value(self, tok, jsd_beta):
         return torch.zeros_like(tok["kl"])
 
-    def grad(self, blk, out):
-        out.zero_()
+    def grad(self, blk):
+        return torch.zeros_like(blk.q)
 
 
 HOOKS: dict[str, Divergence] = {

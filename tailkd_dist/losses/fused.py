@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from tailkd_dist.parallel import vocab_parallel as vp
 
@@ -53,7 +54,8 @@ from .common import (
     per_document_beta,
     topk_lowest_index,
 )
-from .divergences import HOOKS, RowBlock, TeacherPlan, add_at, rowdot
+from .divergences import HOOKS, TeacherPlan
+from .rowpass import RowPasses, pad_ids, row_path, student_columns, sum_columns, teacher_columns
 
 STAT_KEYS = (
     "valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s",
@@ -64,45 +66,13 @@ STAT_KEYS = (
 # (fp32) however large the vocabulary slice is. On CPU small blocks stay in cache (measured:
 # 4 MiB blocks are ~8% faster than 16 MiB ones at V = 128256, and the five or so live
 # temporaries are a fixed cost that vocabulary sharding does not divide).
-_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS = 1 << 18
 _BLOCK_ELEMENTS_CUDA = 1 << 27
 # Elements per block of teacher logits after the TAD pre-pass (a block is one matmul): ~32 MiB
 # (fp32) keeps the CPU matmul efficient (~65 rows at V = 128256) and far below the student's
 # [chunk, V_r] buffer; on a GPU a whole default chunk at V = 128k (one large matmul).
 _TEACHER_ELEMENTS = 1 << 23
 _TEACHER_ELEMENTS_CUDA = 1 << 27
-
-
-# --------------------------------------------------------------------------- what travels
-
-
-def teacher_columns(k: int, *, tails: bool = True) -> Columns:
-    """Per rank and position, all-gathered (step 1). With ``tails`` (TAD, or statistics
-    asked for): the top-(k+1) values (the (k+1)-th is the maximum of the entries outside the
-    rank's own top-k), the top-k global ids, the sum of exp relative to the rank's max, the
-    sum of exp of the entries outside its own top-k relative to their max, and a flag for
-    NaN / inf logits. Without: the max, the sum of exp and the flag."""
-    if not tails:
-        return Columns.of("max", "sumexp", "nonfinite")
-    return Columns.of(values=k + 1, ids=k) + Columns.of("sumexp", "rest_sumexp", "nonfinite")
-
-
-def student_columns(*, raw_ce: bool, tails: bool = True) -> Columns:
-    """Per rank and position, all-gathered (step 2): max and sum of exp relative to it; with
-    ``tails`` also the argmax (global id) and the tail's (entries outside K) max and sum of
-    exp relative to it; with tau != 1 the sum of exp at tau = 1 (CE's normaliser)."""
-    names = ("max", "argmax", "sumexp", "tail_max", "tail_sumexp") if tails else ("max", "sumexp")
-    return Columns.of(*names, *(("sumexp_raw",) if raw_ce else ()))
-
-
-def sum_columns(divergence: str, *, stats: bool = True) -> Columns:
-    """Per position, SUM all-reduced (step 3): the rank's share of log q(label); of KL(p||q),
-    split into its sums over K and over the tail when K is known; with ``stats`` of sum p log p
-    and sum q log q; then the divergence's own."""
-    tails = stats or HOOKS[divergence].needs_tails
-    kl = Columns.of("kl_top", "kl_tail") if tails else Columns.of("kl")
-    entropies = Columns.of("plogp", "qlogq") if stats else Columns(())
-    return Columns.of("lq_label") + kl + entropies + HOOKS[divergence].sums
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -230,6 +200,7 @@ class _Opts:
     chunk_size: int
     ignore_index: int
     stats: bool  # compute the monitoring statistics (else NaN in the returned sums)
+    compiled: bool  # run the row passes compiled (rowpass.RowPasses)
 
 
 def _blocks(n_rows: int, v_local: int, device=None):
@@ -251,31 +222,6 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b, tau: float, cdtype, buf: torch.
     if tau != 1.0:
         z.div_(tau)
     return z
-
-
-def _local_candidates(x: torch.Tensor, kk: int, v_offset: int, k_pad: int):
-    """Per row: local top-(k+1) (values, global indices as floats, padded to k_pad) and
-    sum exp(x - local max). The (k+1)-th entry is kept for the tail's maximum: whatever the
-    global top-k is, the largest local entry outside it is among the local top-(k+1)."""
-    vals = x.new_full((x.shape[0], k_pad), float("-inf"))
-    idx = x.new_full((x.shape[0], k_pad), float(2**24))  # padding sorts after real indices
-    sumexp = x.new_empty(x.shape[0])
-    for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
-        xb = x[r0:r1]
-        v, i = topk_lowest_index(xb, kk)
-        vals[r0:r1, :kk] = v
-        idx[r0:r1, :kk] = (i + v_offset).to(x.dtype)
-        sumexp[r0:r1] = torch.sub(xb, v[:, :1]).exp_().sum(-1)
-    return vals, idx, sumexp
-
-
-def _local_normaliser(x: torch.Tensor):
-    """Per row: max and sum exp(x - max), row-blocked."""
-    mx, sumexp = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
-    for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
-        mx[r0:r1] = x[r0:r1].amax(-1)
-        sumexp[r0:r1] = torch.sub(x[r0:r1], mx[r0:r1, None]).exp_().sum(-1)
-    return mx, sumexp
 
 
 @dataclass
@@ -309,16 +255,20 @@ class _ChunkRows:
 
     rows: slice  # the chunk's positions in the call
     vf: torch.Tensor  # 1.0 at valid positions, else 0.0
-    top_local: torch.Tensor | None
-    top_owned: torch.Tensor | None
-    lab_local: torch.Tensor
-    lab_owned: torch.Tensor
+    k_cols: torch.Tensor | None  # [c, k] K's columns in this rank's slice, -1 where not owned
+    label_col: torch.Tensor  # [c] the label's column in this slice, -1 (not owned or masked)
+    lse_t: torch.Tensor
     lse_s: torch.Tensor
     lse_raw: torch.Tensor | None
     beta_x: torch.Tensor
     log_ratio: torch.Tensor | None
     kd_row: torch.Tensor
     ce_row: torch.Tensor
+
+
+def _nonfinite(mx: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    # NaN propagates through max/min; an inf anywhere shows in one of them.
+    return (~(torch.isfinite(mx) & torch.isfinite(mn))).to(mx.dtype)
 
 
 def _teacher_from_candidates(g: dict, k: int) -> TeacherRows:
@@ -369,10 +319,8 @@ class _InChunkTeacher:
 
     def rows(self, rows: slice) -> TeacherRows:
         r = self.run
-        t = _logits(r.ht[rows], r.wt, r.bt, r.o.tau, r.cdtype, self.buf)
-        summary = r.summarise_teacher([(0, t.shape[0], t)], t.shape[0])
-        self.logits = t.sub_(summary.lse[:, None])
-        return summary
+        self.logits = _logits(r.ht[rows], r.wt, r.bt, r.o.tau, r.cdtype, self.buf)
+        return r.summarise_teacher([(0, self.logits.shape[0], self.logits)], self.logits.shape[0])
 
     def blocks(self, rows: slice):
         yield 0, rows.stop - rows.start, self.logits
@@ -392,9 +340,7 @@ class _StreamedTeacher:
         return self.summary[rows]
 
     def blocks(self, rows: slice):
-        lse = self.summary.lse[rows]
-        for b0, b1, t in self.run.raw_teacher_blocks(rows):
-            yield b0, b1, t.sub_(lse[b0:b1, None])
+        yield from self.run.raw_teacher_blocks(rows)
 
 
 class _Chunker:
@@ -430,6 +376,14 @@ class _Chunker:
         self.teacher_cols = teacher_columns(opts.k, tails=self.tails)
         self.student_cols = student_columns(raw_ce=self.raw_ce, tails=self.tails)
         self.sum_cols = sum_columns(opts.divergence, stats=opts.stats)
+        self.passes = RowPasses(compiled=opts.compiled)
+
+    def blocks(self, n_rows: int, v_local: int):
+        """Row blocks for a pass: a compiled pass makes no temporaries and takes a whole
+        chunk; an eager one makes block-sized ones."""
+        if self.passes.compiled:
+            return [(0, n_rows)]
+        return _blocks(n_rows, v_local, self.hs.device)
 
     def buffer(self, rows: int) -> torch.Tensor:
         return torch.empty(rows, self.L.vocab_local, dtype=self.cdtype, device=self.hs.device)
@@ -443,19 +397,23 @@ class _Chunker:
 
     def summarise_teacher(self, raw_blocks, c: int) -> TeacherRows:
         """Step 1 for the c positions of a chunk, from its raw logits in row blocks."""
-        k, dt = self.o.k, self.cdtype
+        k, kk, dt = self.o.k, self.kk, self.cdtype
         mine = self.teacher_cols.zeros(c, like=self.hs.new_empty((), dtype=dt))
-        for b0, b1, t in raw_blocks:
-            if not self.tails:
-                tmax, sumexp = _local_normaliser(t)
-                self.teacher_cols.write(mine, slice(b0, b1), max=tmax, sumexp=sumexp,
-                                        nonfinite=self.nonfinite_rows(t, tmax[:, None]))
-                continue
-            vals, ids, sumexp = _local_candidates(t, self.kk, self.L.vocab_offset, k + 1)
-            self.teacher_cols.write(
-                mine, slice(b0, b1), values=vals, ids=ids[:, :k], sumexp=sumexp,
-                rest_sumexp=self.rest_sum(t, vals, ids), nonfinite=self.nonfinite_rows(t, vals),
-            )
+        for b0, b1, tb in raw_blocks:
+            for r0, r1 in self.blocks(b1 - b0, self.L.vocab_local):
+                t, rows = tb[r0:r1], slice(b0 + r0, b0 + r1)
+                if not self.tails:
+                    mx, sumexp, tmin = self.passes.teacher(t, None, None).unbind(1)
+                    self.teacher_cols.write(mine, rows, max=mx, sumexp=sumexp, nonfinite=_nonfinite(mx, tmin))
+                    continue
+                v, i = topk_lowest_index(t, kk)
+                vals = F.pad(v, (0, k + 1 - kk), value=float("-inf"))
+                own = pad_ids(i[:, :k])
+                sumexp, rest, tmin = self.passes.teacher(t, vals, own).unbind(1)
+                # Ids travel as floats (exact below 2**24); padding sorts after real ids.
+                ids = F.pad((i[:, :k] + self.L.vocab_offset).to(dt), (0, k - min(kk, k)), value=float(2**24))
+                self.teacher_cols.write(mine, rows, values=vals, ids=ids, sumexp=sumexp, rest_sumexp=rest,
+                                        nonfinite=_nonfinite(vals[:, 0], tmin))
         g = vp.all_gather_stats(mine, self.L.group)
         return _teacher_from_candidates(self.teacher_cols.unpack(g), k)
 
@@ -479,46 +437,18 @@ class _Chunker:
             h = self.ht[rows.start + b0 : rows.start + b1]
             yield b0, b1, _logits(h, self.wt, self.bt, self.o.tau, self.cdtype, self.stream_buf)
 
-    def rest_sum(self, x, vals, idx):
-        """sum of exp(x - vals[:, k]) over the entries outside the rank's own top-k (0 if the
-        slice has no more than k entries). vals[:, k], the (k+1)-th largest, is their max."""
-        k = self.o.k
-        out = x.new_zeros(x.shape[0])
-        if x.shape[1] <= k:
-            return out
-        local = idx[:, :k].long() - self.L.vocab_offset
-        for r0, r1 in _blocks(x.shape[0], x.shape[1], x.device):
-            # Clamped: the top-k entries (zeroed next) lie above vals[:, k] and could overflow.
-            s = torch.sub(x[r0:r1], vals[r0:r1, k : k + 1]).clamp_(max=0.0).exp_()
-            out[r0:r1] = s.scatter_(1, local[r0:r1], 0.0).sum(-1)
-        return out
-
-    def nonfinite_rows(self, t, vals):
-        # NaN propagates through max/min; an inf anywhere shows in one of them.
-        ok = torch.isfinite(vals[:, 0]) & torch.isfinite(t.amin(-1))
-        return (~ok).to(self.cdtype)
-
     # -- the student ----------------------------------------------------------------------
-    def student_rows(self, s, top_local, owned) -> StudentRows:
+    def student_rows(self, s, k_cols) -> StudentRows:
         """Step 2 on the chunk's student logits (raw, at temperature tau)."""
         mine = self.student_cols.zeros(s.shape[0], like=s)
-        for r0, r1 in _blocks(*s.shape, s.device):
-            x = s[r0:r1]
-            smax, sarg = x.max(-1)  # ties: the first index (documented), i.e. the lowest id
-            pieces = dict(max=smax, sumexp=torch.sub(x, smax[:, None]).exp_().sum(-1))
-            if self.tails:
-                tail = x.clone()
-                add_at(tail, top_local[r0:r1], owned[r0:r1], float("-inf"))  # K out of the tail
-                tmax = tail.amax(-1)
-                tsum = tail.sub_(tmax[:, None]).exp_().sum(-1)
-                pieces.update(
-                    argmax=(sarg + self.L.vocab_offset).to(s.dtype), tail_max=tmax,
-                    # -inf: this rank owns no tail entry; its sum is 0, not exp(nan).
-                    tail_sumexp=torch.where(torch.isfinite(tmax), tsum, 0.0),
-                )
-            if self.raw_ce:  # CE is at tau = 1: the raw logits' sum of exp, same local max
-                pieces["sumexp_raw"] = torch.sub(x, smax[:, None]).mul_(self.o.tau).exp_().sum(-1)
-            self.student_cols.write(mine, slice(r0, r1), **pieces)
+        names = ("max", "argmax", "sumexp") + (("tail_max", "tail_sumexp") if self.tails else ()) + (
+            ("sumexp_raw",) if self.raw_ce else ())
+        wanted = {n for n, _ in self.student_cols.fields}
+        for r0, r1 in self.blocks(*s.shape):
+            kc = None if k_cols is None else k_cols[r0:r1]
+            got = dict(zip(names, self.passes.student(s[r0:r1], kc, self.o.tau, self.raw_ce).unbind(1)))
+            got["argmax"] = got["argmax"] + self.L.vocab_offset
+            self.student_cols.write(mine, slice(r0, r1), **{n: v for n, v in got.items() if n in wanted})
         g = vp.all_gather_stats(mine, self.L.group)
         return _student_from_candidates(self.student_cols.unpack(g), self.o.tau)
 
@@ -539,84 +469,42 @@ class _Chunker:
         L, hook = self.L, self.hook
         t = plan.teacher.rows(rows)
         top_local, owned = self.localise(t.top)
+        k_cols = None if top_local is None else pad_ids(torch.where(owned, top_local, -1))
         s = _logits(self.hs[rows], self.ws, self.bs, self.o.tau, self.cdtype, self.s_buf)
-        st = self.student_rows(s, top_local, owned)
-        s.sub_(st.lse[:, None])
+        st = self.student_rows(s, k_cols)
         vf = self.valid[rows].to(self.cdtype)
         lab_local, lab_owned = self.localise(self.labels[rows], self.valid[rows])
-        beta_x = plan.beta_x(rows, t)
         cr = _ChunkRows(
-            rows, vf, top_local, owned, lab_local, lab_owned, st.lse, st.lse_raw, beta_x,
-            None if t.log_tail is None else t.log_tail - st.log_tail,
+            rows, vf, k_cols, torch.where(lab_owned, lab_local, -1), t.lse, st.lse, st.lse_raw,
+            plan.beta_x(rows, t), None if t.log_tail is None else t.log_tail - st.log_tail,
             # d(tau^2 L(s/tau))/ds = tau * dL/d(s/tau); the row mask rides on the row scales.
             kd_row=(self.o.kd_weight * self.o.tau) * vf, ce_row=self.o.ce_weight * vf,
         )
-        sums = self.sum_cols.zeros(rows.stop - rows.start, like=s)
-        cols = self.sum_cols.unpack(sums)
-        grad_now = L.needs_grad and not hook.grad_needs_sums
-        for r0, r1, blk in self.sweep(plan.teacher, s, cr):
-            self.partials(blk, cols, r0, r1, cr)
-            if grad_now:
-                self.grad(blk, r0, r1, cr)
-        tok = self.sum_cols.unpack(vp.all_reduce_sum(sums, L.group))
-        if L.needs_grad and hook.grad_needs_sums:
-            for r0, r1, blk in self.sweep(plan.teacher, s, cr, sums=tok):
-                self.grad(blk, r0, r1, cr)
-        if L.needs_grad:
-            self.grad_matmuls(s, rows)
-        return self.finish(tok, cr, t, st), (t.nonfinite * vf).sum()
+        # Compiled passes store the gradient in a buffer of its own (rowpass.sweep).
+        g = (self.g_buf[: s.shape[0]] if self.passes.compiled else s) if L.needs_grad else None
+        grad_now = g if not hook.grad_needs_sums else None
+        sums = torch.cat(list(self.sweep(plan.teacher, s, cr, partials=True, grad_out=grad_now)))
+        sums = vp.all_reduce_sum(sums, L.group)
+        if g is not None and hook.grad_needs_sums:
+            for _ in self.sweep(plan.teacher, s, cr, partials=False, grad_out=g, sums=sums):
+                pass
+        if g is not None:
+            self.grad_matmuls(g, rows)
+        return self.finish(self.sum_cols.unpack(sums), cr, t, st), (t.nonfinite * vf).sum()
 
-    def sweep(self, teacher, s, cr: _ChunkRows, sums=None):
-        """Row blocks of the chunk: (first row, end row, RowBlock), teacher block by block."""
-        for b0, b1, log_p in teacher.blocks(cr.rows):
-            for r0, r1 in _blocks(b1 - b0, self.L.vocab_local, s.device):
+    def sweep(self, teacher, s, cr: _ChunkRows, *, partials: bool, grad_out=None, sums=None):
+        """The chunk's row pass, block by block: yields each block's partial sums (with
+        ``partials``); with ``grad_out`` ([chunk, V_r]) the gradient is stored there."""
+        cut = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
+        for b0, b1, tb in teacher.blocks(cr.rows):
+            for r0, r1 in self.blocks(b1 - b0, self.L.vocab_local):
                 a, b = b0 + r0, b0 + r1
-                cut = lambda x: None if x is None else x[a:b]  # noqa: E731
-                yield a, b, RowBlock(
-                    log_p=log_p[r0:r1], log_q=s[a:b], top_local=cut(cr.top_local),
-                    top_owned=cut(cr.top_owned), beta_x=cr.beta_x[a:b], log_ratio=cut(cr.log_ratio),
-                    jsd_beta=self.o.jsd_beta, sums={} if sums is None else {n: v[a:b] for n, v in sums.items()},
+                yield self.passes.sweep(
+                    s[a:b], tb[r0:r1], cr.lse_t[a:b], cr.lse_s[a:b], cut(cr.k_cols, a, b), cr.label_col[a:b],
+                    cr.beta_x[a:b], cut(cr.log_ratio, a, b), cr.kd_row[a:b], cr.ce_row[a:b],
+                    cut(cr.lse_raw, a, b), cut(sums, a, b), self.o.tau, self.o.jsd_beta, self.o.divergence,
+                    self.o.stats, partials, cut(grad_out, a, b),
                 )
-
-    def partials(self, blk: RowBlock, cols: dict, r0: int, r1: int, cr: _ChunkRows) -> None:
-        """Per-token partial sums of one row block (rows r0:r1 of the chunk) into ``cols``."""
-        if self.o.stats:
-            cols["plogp"][r0:r1] = rowdot(blk.p, blk.log_p)
-            cols["qlogq"][r0:r1] = rowdot(blk.q, blk.log_q)
-        for name, v in self.hook.partials(blk).items():
-            cols[name][r0:r1] = v
-        if self.tails:
-            p_top = blk.p.gather(1, blk.top_local)
-            d_top = blk.diff.gather(1, blk.top_local)
-            cols["kl_top"][r0:r1] = torch.where(blk.top_owned, p_top * d_top, 0.0).sum(-1)
-            blk.add_at_top(blk.p, -p_top)  # p restricted to the tail: exact zeros at K
-            cols["kl_tail"][r0:r1] = rowdot(blk.p, blk.diff)
-            blk.add_at_top(blk.p, p_top)  # and back: 0 + p_j is p_j exactly
-        else:
-            cols["kl"][r0:r1] = rowdot(blk.p, blk.diff)
-        lq = blk.log_q.gather(1, cr.lab_local[r0:r1, None]).squeeze(1)
-        if cr.lse_raw is not None:
-            lq = self.o.tau * (lq + cr.lse_s[r0:r1]) - cr.lse_raw[r0:r1]
-        cols["lq_label"][r0:r1] = torch.where(cr.lab_owned[r0:r1], lq, 0.0)
-
-    def grad(self, blk: RowBlock, r0: int, r1: int, cr: _ChunkRows) -> None:
-        """d(loss)/d(student logits) of one row block, written in place over its log q."""
-        q1 = None
-        if self.o.ce_weight != 0.0:
-            # CE's softmax at tau = 1, formed before the block's log q is overwritten.
-            q1 = blk.q if cr.lse_raw is None else (
-                (blk.log_q + cr.lse_s[r0:r1, None]).mul_(self.o.tau).sub_(cr.lse_raw[r0:r1, None]).exp_()
-            )
-        blk.q, blk.p  # noqa: B018  (materialise before the gradient overwrites log q)
-        # The partial sums' log p - log q: a block-sized buffer that TAD's and KL's gradients
-        # never read (reverse KL's makes it again from the logs, which are still intact here).
-        blk.drop("diff")
-        out = blk.log_q
-        self.hook.grad(blk, out)
-        out.mul_(cr.kd_row[r0:r1, None])
-        if q1 is not None:
-            out.addcmul_(q1, cr.ce_row[r0:r1, None])
-            add_at(out, cr.lab_local[r0:r1, None], cr.lab_owned[r0:r1, None], -cr.ce_row[r0:r1, None])
 
     def finish(self, tok: dict, cr: _ChunkRows, t: TeacherRows, st: StudentRows):
         """Per-token values from the reduced sums (identical on every rank of the group), one
@@ -674,6 +562,7 @@ class _Chunker:
     def run(self):
         n, dev, dt = self.positions, self.hs.device, self.cdtype
         self.s_buf = self.buffer(self.chunk_rows)
+        self.g_buf = self.buffer(self.chunk_rows) if self.passes.compiled and self.L.needs_grad else None
         per_tok = torch.zeros(n, len(STAT_KEYS), dtype=dt, device=dev)
         self.gh = self.gw = self.gb = None
         if self.L.needs_grad:
@@ -813,6 +702,7 @@ def fused_linear_distill(
     teacher_bias: torch.Tensor | None = None,
     vocab_group=None,
     stats: bool = True,
+    compiled: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss straight from hidden states and lm_head weights, chunk by chunk.
 
@@ -839,6 +729,9 @@ def fused_linear_distill(
             skips what only they need: for forward KL, reverse KL, JSD and CE the teacher's
             top-k and both tail masses, for every divergence the two entropies; those
             entries of ``stats`` are then NaN. Loss and gradients are the same either way.
+        compiled: run the element-wise row passes compiled by ``torch.compile`` (True), eagerly
+            (False), or as ``rowpass.row_path`` decides for the device (None: compiled where
+            Inductor emits Triton, i.e. on CUDA). Same numbers either way.
 
     Returns:
         ``(loss_sum, stats)``: the SUM over valid positions of ce_weight*CE + kd_weight*L_div
@@ -861,6 +754,7 @@ def fused_linear_distill(
         divergence=divergence, k=k, beta=float(beta), tau=float(temperature),
         ce_weight=float(ce_weight), kd_weight=float(kd_weight), jsd_beta=float(jsd_beta),
         chunk_size=chunk_size, ignore_index=ignore_index, stats=bool(stats),
+        compiled=row_path(student_hidden.device, compiled).compiled,
     )
     th = teacher_hidden.detach()
     tw, tb = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()

@@ -7,7 +7,7 @@ the parallel layer below never imports the loss.
 from __future__ import annotations
 
 from .divergences import HOOKS
-from .fused import student_columns, sum_columns, teacher_columns
+from .rowpass import student_columns, sum_columns, teacher_columns
 
 
 def loss_numbers_per_token(
