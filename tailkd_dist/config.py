@@ -98,6 +98,9 @@ class LossConfig:
     1 under deepspeed (every rank holds the whole lm_head)."""
     chunk_size: int = 1024
     """Positions per chunk of the fused loss."""
+    row_passes: str = "auto"
+    """The fused loss's element-wise row passes: "compiled" (torch.compile), "eager", or "auto"
+    (compiled on CUDA with Triton, eager elsewhere). The run says at start which and why."""
     hidden_weight: float = 0.0
     """Weight of the hidden-state cosine term (0 = off): mean over mapped layers of
     1 - cos(P h_student, h_teacher), summed over valid positions (tailkd_dist/hidden.py)."""
@@ -350,6 +353,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 # Attention implementations transformers builds locally (a hub kernel would need a download).
+ROW_PASSES = ("auto", "compiled", "eager")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -365,6 +369,7 @@ def validate(cfg: TrainConfig) -> None:
         (L.beta_scope in ("document", "row"), "loss.beta_scope", "must be 'document' or 'row'"),
         (L.loss_group_size >= 0, "loss.loss_group_size", "must be >= 1 (or 0 for auto)"),
         (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
+        (L.row_passes in ROW_PASSES, "loss.row_passes", f"must be one of {', '.join(ROW_PASSES)}"),
         (L.ce_weight >= 0, "loss.ce_weight", "must be >= 0"),
         (L.kd_weight >= 0, "loss.kd_weight", "must be >= 0"),
         (L.hidden_weight >= 0, "loss.hidden_weight", "must be >= 0"),

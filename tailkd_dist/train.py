@@ -24,7 +24,8 @@ from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
 from tailkd_dist.signals import StopSignals, fault_pause
-from tailkd_dist.step import train_step
+from tailkd_dist.losses.rowpass import row_path
+from tailkd_dist.step import ROW_PASSES, train_step
 
 log = logging.getLogger("tailkd_dist")
 
@@ -205,6 +206,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
     adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)
     del teacher, student
+    if rank0:
+        path = row_path(adapter.device, ROW_PASSES[cfg.loss.row_passes])
+        log.info("loss row passes: %s", path.reason)
     start_step, tokens_seen, run_id = 0, 0, checkpoint.new_run_id()
     if tag is not None:
         state = checkpoint.load(adapter, cfg, tag)

@@ -110,7 +110,7 @@ def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_
     rank 0 only; the other rank builds them on the meta device and receives its shards (and
     the rotary buffers) from rank 0. Losses equal the one-process run on the same weights,
     with FSDP over both ranks and as HSDP with activation checkpointing (a 2-D mesh, wrapped
-    blocks)."""
+    blocks) and the loss's row passes compiled."""
     import torch
 
     from tailkd_dist.config import ModelSpec
@@ -122,9 +122,16 @@ def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_
         build_model(spec, dtype=torch.float32, attention="sdpa").save_pretrained(tmp_path / role)
         specs[f"models__{role}"] = {"path": str(tmp_path / role), "tokenizer": str(data / "tokenizer")}
     expected = losses(single)
-    for name, kw in (("fsdp", {}), ("hsdp_ac", dict(loss__loss_group_size=1, engine__activation_checkpointing=True))):
+    # The HSDP run also compiles the loss's row passes (the default on CUDA; eager on CPUs),
+    # and each run says which it uses.
+    for name, kw, path in (
+        ("fsdp", {}, "loss row passes: eager on cpu"),
+        ("hsdp_ac", dict(loss__loss_group_size=1, engine__activation_checkpointing=True,
+                         loss__row_passes="compiled"), "loss row passes: compiled as asked"),
+    ):
         cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **specs, **kw)
         out = run(cfg, launcher="torchrun", nproc=2)
+        assert path in out.stderr, (name, out.stderr[-3000:])
         for role in ("teacher", "student"):
             assert f"{role} {tmp_path / role} read by rank 0 only" in out.stderr, (role, out.stderr[-3000:])
         _close(losses(tmp_path / name), expected, REL, f"{name}: directories read by rank 0 only")

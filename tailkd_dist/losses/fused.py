@@ -62,11 +62,11 @@ STAT_KEYS = (
     "teacher_entropy", "student_entropy", "top1_agree", "beta_x", "a_t_sq", "a_s_sq",
 )
 
-# Elements per scratch block: bounds each temporary of the element-wise phases to ~4 MiB
-# (fp32) however large the vocabulary slice is. On CPU small blocks stay in cache (measured:
-# 4 MiB blocks are ~8% faster than 16 MiB ones at V = 128256, and the five or so live
-# temporaries are a fixed cost that vocabulary sharding does not divide).
-_BLOCK_ELEMENTS = 1 << 18
+# Elements per row block of an eager pass: bounds each of its temporaries to ~1 MiB (fp32)
+# however large the vocabulary slice is. On CPU small blocks stay in cache: the eager passes
+# make about ten block-sized temporaries (measured at V = 32003: 1 MiB blocks as fast as 4 MiB
+# ones and 70 MiB lower at the peak). Compiled passes make none and take whole chunks.
+_BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_CUDA = 1 << 27
 # Elements per block of teacher logits after the TAD pre-pass (a block is one matmul): ~32 MiB
 # (fp32) keeps the CPU matmul efficient (~65 rows at V = 128256) and far below the student's
