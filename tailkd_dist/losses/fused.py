@@ -62,10 +62,10 @@ STAT_KEYS = (
     "teacher_entropy", "student_entropy", "top1_agree", "beta_x", "a_t_sq", "a_s_sq",
 )
 
-# Elements per row block of an eager pass: bounds each of its temporaries to ~1 MiB (fp32)
-# however large the vocabulary slice is. On CPU small blocks stay in cache: the eager passes
-# make about ten block-sized temporaries (measured at V = 32003: 1 MiB blocks as fast as 4 MiB
-# ones and 70 MiB lower at the peak). Compiled passes make none and take whole chunks.
+# Elements per row block of an eager pass: bounds each of its temporaries to ~4 MiB (fp32)
+# however large the vocabulary slice is; on CPU small blocks stay in cache. (1 MiB blocks
+# peaked 70 MiB lower at V = 32003 but, at 2 rows per block at V = 128256, spent the time on
+# per-op overhead.) Compiled passes make no temporaries and take whole chunks.
 _BLOCK_ELEMENTS = 1 << 20
 _BLOCK_ELEMENTS_CUDA = 1 << 27
 # Elements per block of teacher logits after the TAD pre-pass (a block is one matmul): ~32 MiB
