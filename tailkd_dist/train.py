@@ -24,6 +24,7 @@ from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
 from tailkd_dist.signals import StopSignals, fault_pause
+from tailkd_dist.losses import rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
 
@@ -206,8 +207,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
     adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)
     del teacher, student
+    path, compile_said = row_path(adapter.device, ROW_PASSES[cfg.loss.row_passes]), 0
     if rank0:
-        path = row_path(adapter.device, ROW_PASSES[cfg.loss.row_passes])
         log.info("loss row passes: %s", path.reason)
     start_step, tokens_seen, run_id = 0, 0, checkpoint.new_run_id()
     if tag is not None:
@@ -257,6 +258,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             fault_pause("loop")
             res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg))
             step += 1
+            if rank0 and path.compiled and compile_said < rowpass.COMPILE_STATS["graphs"]:
+                # Compilation happens on first use (the first step; a logged or an eval step
+                # may add a graph): said when it happens, with what it cost.
+                compile_said = rowpass.COMPILE_STATS["graphs"]
+                log.info("loss row passes: %d graph(s) compiled so far, %.1f s in all (at step %d)",
+                         compile_said, rowpass.COMPILE_STATS["seconds"], step)
             liveness.progress(step)
             tokens_seen += res.tokens
             dt = time.perf_counter() - t0

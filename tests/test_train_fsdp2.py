@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,9 @@ def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_
         cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **specs, **kw)
         out = run(cfg, launcher="torchrun", nproc=2)
         assert path in out.stderr, (name, out.stderr[-3000:])
+        compiled_at_step_1 = re.search(r"loss row passes: (\d+) graph\(s\) compiled so far, [\d.]+ s in all \(at step 1\)",
+                                       out.stderr)
+        assert bool(compiled_at_step_1) == (name == "hsdp_ac"), (name, out.stderr[-3000:])
         for role in ("teacher", "student"):
             assert f"{role} {tmp_path / role} read by rank 0 only" in out.stderr, (role, out.stderr[-3000:])
         _close(losses(tmp_path / name), expected, REL, f"{name}: directories read by rank 0 only")

@@ -25,6 +25,7 @@ Specification: ``docs/loss.md`` ("The chunked form", "The element-wise pass budg
 from __future__ import annotations
 
 import functools
+import time
 import typing
 from dataclasses import dataclass
 
@@ -232,14 +233,29 @@ _INDUCTOR = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000, "
              "realize_acc_reads_threshold": 64, "realize_cpu_acc_reads_threshold": 64}
 
 
+# Compilation paid so far in this process: seconds of the calls that compiled a graph, and
+# how many graphs (the trainer reports it after its first step).
+COMPILE_STATS = {"seconds": 0.0, "graphs": 0}
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @functools.cache
 def _compiled(name):
     # fullgraph: a graph break would silently run part of a pass eagerly.
     fn = torch.compile(_PASSES[name], dynamic=True, fullgraph=True, options=_INDUCTOR)
 
     def call(*args):
+        graphs = _graphs_compiled()
+        t0 = time.perf_counter()
         with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
-            return fn(*args)
+            out = fn(*args)
+        if _graphs_compiled() != graphs:  # this call compiled (or loaded from Inductor's cache)
+            COMPILE_STATS["seconds"] += time.perf_counter() - t0
+            COMPILE_STATS["graphs"] += _graphs_compiled() - graphs
+        return out
 
     return call
 
