@@ -47,8 +47,10 @@ def compiled(monkeypatch):
 
 _CASES = {c["id"]: c for c in ref.FUSED_CASES}
 _REFERENCE = [
-    # k = 10 (one K-width class), documents across chunks (TAD's pre-pass), both biases
+    # k = 10 (one K-width class), documents across chunks (TAD's pre-pass), both biases;
+    # float32 for the divergences whose passes differ most
     ("N37_ds16_dt24_V97_chunk8_docs", div, dt) for div in ref.R.DIVERGENCES for dt in (F32, F64)
+    if dt == F64 or div in ("tad", "forward_kl", "jsd")
 ] + [
     # tau = 2 (CE's own normaliser), k = 5; k = V - 1 = 40 with ignore_index = -1
     ("B3T13_V97_chunk5_docs_tau2_k5", "tad", F64), ("B3T13_V97_chunk5_docs_tau2_k5", "jsd", F32),
@@ -107,7 +109,7 @@ def _generated_code(fn, *args):
     # A fresh compile (no cache) so that Inductor generates, and hands over, its code.
     torch._dynamo.reset()
     with torch._inductor.config.patch(fx_graph_cache=False):
-        return run_and_get_code(torch.compile(fn, dynamic=True, fullgraph=True, options=rowpass._INDUCTOR), *args)
+        return run_and_get_code(torch.compile(fn, dynamic=True, fullgraph=True, options=rowpass.inductor_options()), *args)
 
 
 def test_compiled_passes_store_no_rows_by_vocab_intermediate():

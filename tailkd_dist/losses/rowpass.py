@@ -233,6 +233,13 @@ _INDUCTOR = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000, "
              "realize_acc_reads_threshold": 64, "realize_cpu_acc_reads_threshold": 64}
 
 
+def inductor_options() -> dict:
+    """``_INDUCTOR``, less the keys this torch's Inductor does not have (versions differ)."""
+    import torch._inductor.config as inductor
+
+    return {k: v for k, v in _INDUCTOR.items() if hasattr(inductor, k)}
+
+
 # Compilation paid so far in this process: seconds of the calls that compiled a graph, and
 # how many graphs (the trainer reports it after its first step).
 COMPILE_STATS = {"seconds": 0.0, "graphs": 0}
@@ -245,12 +252,13 @@ def _graphs_compiled() -> int:
 @functools.cache
 def _compiled(name):
     # fullgraph: a graph break would silently run part of a pass eagerly.
-    fn = torch.compile(_PASSES[name], dynamic=True, fullgraph=True, options=_INDUCTOR)
+    fn = torch.compile(_PASSES[name], dynamic=True, fullgraph=True, options=inductor_options())
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
     def call(*args):
         graphs = _graphs_compiled()
         t0 = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+        with torch._dynamo.config.patch(**{limit: _VARIANTS}):
             out = fn(*args)
         if _graphs_compiled() != graphs:  # this call compiled (or loaded from Inductor's cache)
             COMPILE_STATS["seconds"] += time.perf_counter() - t0
