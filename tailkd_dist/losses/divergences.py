@@ -30,8 +30,9 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class RowBlock:
     """Rows of a chunk inside a row pass, as pure tensors: the normalised logits and the
     per-row quantities a divergence reads (per-row ones as [b, 1] columns so they broadcast).
-    p, q and log p - log q are made on first use. Nothing here writes in place: a row pass is
-    one function that ``torch.compile`` fuses whole (``rowpass``)."""
+    p, q and log p - log q are made on first use. Hooks never write into these tensors (only
+    into temporaries of their own): a row pass is one function that ``torch.compile`` fuses
+    whole (``rowpass``)."""
 
     log_p: torch.Tensor  # [b, V_r] teacher log-probabilities (this rank's vocabulary slice)
     log_q: torch.Tensor  # [b, V_r] student log-probabilities

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 from tailkd_dist.parallel import vocab_parallel as vp
 
-from .columns import Columns
 from .common import (
     DIVERGENCES,
     check_loss_args,
@@ -55,7 +54,9 @@ from .common import (
     topk_lowest_index,
 )
 from .divergences import HOOKS, TeacherPlan
-from .rowpass import RowPasses, pad_ids, row_path, student_columns, sum_columns, teacher_columns
+from .rowpass import (
+    RowPasses, pad_ids, row_path, student_columns, student_pass_outputs, sum_columns, teacher_columns,
+)
 
 STAT_KEYS = (
     "valid_count", "ce", "kd", "kl", "d1", "at_d2", "a_t", "a_s",
@@ -441,8 +442,7 @@ class _Chunker:
     def student_rows(self, s, k_cols) -> StudentRows:
         """Step 2 on the chunk's student logits (raw, at temperature tau)."""
         mine = self.student_cols.zeros(s.shape[0], like=s)
-        names = ("max", "argmax", "sumexp") + (("tail_max", "tail_sumexp") if self.tails else ()) + (
-            ("sumexp_raw",) if self.raw_ce else ())
+        names = student_pass_outputs(tails=self.tails, raw_ce=self.raw_ce)
         wanted = {n for n, _ in self.student_cols.fields}
         for r0, r1 in self.blocks(*s.shape):
             kc = None if k_cols is None else k_cols[r0:r1]

@@ -25,6 +25,7 @@ Specification: ``docs/loss.md`` ("The chunked form", "The element-wise pass budg
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 import typing
 from dataclasses import dataclass
@@ -116,11 +117,18 @@ def teacher_pass(t: torch.Tensor, top_values: torch.Tensor | None, own: torch.Te
     return torch.stack([sumexp, rest, t.amin(-1)], 1)
 
 
+def student_pass_outputs(*, tails: bool, raw_ce: bool) -> tuple[str, ...]:
+    """The columns ``student_pass`` returns, in order."""
+    return ("max", "argmax", "sumexp") + (("tail_max", "tail_sumexp") if tails else ()) + (
+        ("sumexp_raw",) if raw_ce else ())
+
+
 def student_pass(s: torch.Tensor, k_cols: torch.Tensor | None, tau: float, raw_ce: bool) -> torch.Tensor:
     """Raw student logits [b, V_r] (at temperature tau) -> [b, n]: max, argmax (local column,
     the lowest among ties), sum exp(s - max); with ``k_cols`` ([b, k], K's columns on this
     rank, -1 elsewhere) the tail's max and sum of exp relative to it (0 when the rank holds
-    no tail entry); with ``raw_ce`` sum exp(tau (s - max)) (CE's normaliser at tau = 1)."""
+    no tail entry); with ``raw_ce`` sum exp(tau (s - max)) (CE's normaliser at tau = 1).
+    Column names: ``student_pass_outputs``."""
     mx, arg = s.max(-1)
     out = [mx, arg.to(s.dtype), torch.sub(s, mx[:, None]).exp_().sum(-1)]
     if k_cols is not None:
@@ -304,19 +312,19 @@ class RowPath:
     reason: str
 
 
+@functools.cache
 def row_path(device: torch.device, compiled: bool | None = None) -> RowPath:
     """The row passes for ``device``: ``compiled`` True / False forces them; None decides.
 
     Compiled by default on CUDA with Triton: there the element-wise work is most of the
     loss's time. Eager by default on CPUs: the matmuls dominate there, and a first compile
-    costs ~20 s per pass and shape class (the same code compiles on a CPU when asked)."""
+    costs ~20 s per pass and shape class (the same code compiles on a CPU when asked).
+    Cached: the loss asks on every call."""
     dev = torch.device(device)
     if compiled is not None:
         return RowPath(bool(compiled), "compiled as asked" if compiled else "eager as asked")
     if dev.type != "cuda":
         return RowPath(False, f"eager on {dev.type} (the default off CUDA; compiled=True compiles them)")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return RowPath(False, "eager: Triton is not installed, so torch.compile cannot emit GPU kernels")
     return RowPath(True, "compiled by torch.compile (Inductor -> Triton)")
