@@ -96,8 +96,10 @@ class LossConfig:
     """Ranks that share the vocabulary in the vocab-parallel fused loss (divides the world
     size). 0 = auto: the whole world under fsdp2 (the loss group is the FSDP shard group),
     1 under deepspeed (every rank holds the whole lm_head)."""
-    chunk_size: int = 1024
-    """Positions per chunk of the fused loss."""
+    chunk_size: int = 0
+    """Positions per chunk of the fused loss. 0 = auto: derived for the device and the loss
+    group's vocabulary slice (losses.fused.default_chunk_size: 2048 on a GPU at V = 128256,
+    256 on a CPU); the run says at start which."""
     row_passes: str = "auto"
     """The fused loss's element-wise row passes: "compiled" (torch.compile), "eager", or "auto"
     (compiled on CUDA with Triton, eager elsewhere). The run says at start which and why."""
@@ -368,7 +370,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < L.jsd_beta < 1, "loss.jsd_beta", "must lie strictly between 0 and 1"),
         (L.beta_scope in ("document", "row"), "loss.beta_scope", "must be 'document' or 'row'"),
         (L.loss_group_size >= 0, "loss.loss_group_size", "must be >= 1 (or 0 for auto)"),
-        (L.chunk_size >= 1, "loss.chunk_size", "must be >= 1"),
+        (L.chunk_size >= 0, "loss.chunk_size", "must be >= 1 (or 0 for auto)"),
         (L.row_passes in ROW_PASSES, "loss.row_passes", f"must be one of {', '.join(ROW_PASSES)}"),
         (L.ce_weight >= 0, "loss.ce_weight", "must be >= 0"),
         (L.kd_weight >= 0, "loss.kd_weight", "must be >= 0"),

@@ -300,6 +300,7 @@ class _Layout:
     micro_batch: int
     seq_len: int
     chunk: int
+    loss_buffers: int  # [chunk, V/G] fp32 buffers of the fused loss: 3 with compiled row passes
     dtype_bytes: int
     activation_checkpointing: bool
     eager_attention: bool
@@ -358,8 +359,8 @@ def estimate_components(teacher: ModelStats | None, student: ModelStats, vocab: 
         c["teacher lm_head shard (fp32)"] = 4 * rows * teacher.hidden
     tokens = lay.micro_batch * lay.seq_len
     d_t = teacher.hidden if teacher is not None else student.hidden
-    c["fused loss: 2 x [chunk, V/G] fp32 + gathered hiddens"] = (
-        2 * lay.chunk * rows * 4 + 2 * G * tokens * (student.hidden + d_t) * 4)
+    c[f"fused loss: {lay.loss_buffers} x [{lay.chunk}, V/G] fp32 + gathered hiddens"] = (
+        lay.loss_buffers * lay.chunk * rows * 4 + 2 * G * tokens * (student.hidden + d_t) * 4)
     per_layer = tokens * (10 * student.hidden + 4 * student.ffn) * b
     if lay.activation_checkpointing:
         act = student.layers * tokens * student.hidden * b + per_layer
@@ -538,6 +539,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     """
     import torch
 
+    from tailkd_dist.losses.fused import default_chunk_size
     from tailkd_dist.models import plan_vocab, tokenizer_dir
     from tailkd_dist.parallel.topology import validate_degrees
 
@@ -699,7 +701,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         lay = _Layout(engine=cfg.engine.kind, stage=stage, offload_optimizer=off_opt, offload_param=off_param,
                       teacher_offload=t_off, world=world_size, loss_group=max(1, lg),
                       micro_batch=cfg.data.micro_batch_size, seq_len=seq_len or 2048,
-                      chunk=cfg.loss.chunk_size, dtype_bytes=2 if dtype == "bf16" else 4,
+                      chunk=cfg.loss.chunk_size or default_chunk_size(
+                          accelerator=True, vocab_local=math.ceil(vocab / max(1, lg))),
+                      # the GPU's "auto" is compiled (rowpass.row_path): a gradient buffer more
+                      loss_buffers=2 if cfg.loss.row_passes == "eager" else 3,
+                      dtype_bytes=2 if dtype == "bf16" else 4,
                       activation_checkpointing=cfg.engine.kind == "fsdp2" and cfg.engine.activation_checkpointing,
                       eager_attention=cfg.models.attention == "eager", buckets=buckets,
                       hidden_term=float(getattr(cfg.loss, "hidden_weight", 0.0) or 0.0) > 0,

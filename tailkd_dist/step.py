@@ -58,7 +58,7 @@ def _to(batch, device):
 def loss_kwargs(cfg: TrainConfig) -> dict:
     L = cfg.loss
     return dict(divergence=L.divergence, k=L.k, beta=L.beta, temperature=L.temperature,
-                ce_weight=L.ce_weight, kd_weight=L.kd_weight, jsd_beta=L.jsd_beta, chunk_size=L.chunk_size,
+                ce_weight=L.ce_weight, kd_weight=L.kd_weight, jsd_beta=L.jsd_beta, chunk_size=L.chunk_size or None,
                 compiled=ROW_PASSES[L.row_passes])
 
 

@@ -24,11 +24,21 @@ from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
 from tailkd_dist.signals import StopSignals, fault_pause
-from tailkd_dist.losses import rowpass
+from tailkd_dist.losses import default_chunk_size, rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
 
 log = logging.getLogger("tailkd_dist")
+
+
+def chunk_reason(cfg: TrainConfig, *, device: torch.device, vocab: int) -> str:
+    """What the fused loss's chunk size is and where it comes from (the run says it at start)."""
+    if cfg.loss.chunk_size:
+        return f"{cfg.loss.chunk_size} positions (loss.chunk_size)"
+    v_r = -(-vocab // cfg.loss.loss_group_size)
+    rows = default_chunk_size(accelerator=device.type != "cpu", vocab_local=v_r)
+    return (f"{rows} positions (loss.chunk_size 0 = auto: derived for {device.type} and the "
+            f"vocabulary slice V/G = {v_r})")
 
 
 def build_topology(cfg: TrainConfig) -> Topology:
@@ -210,6 +220,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     path, compile_said = row_path(adapter.device, ROW_PASSES[cfg.loss.row_passes]), 0
     if rank0:
         log.info("loss row passes: %s", path.reason)
+        log.info("loss chunks: %s", chunk_reason(cfg, device=adapter.device, vocab=plan.vocab))
     start_step, tokens_seen, run_id = 0, 0, checkpoint.new_run_id()
     if tag is not None:
         state = checkpoint.load(adapter, cfg, tag)

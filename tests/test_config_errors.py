@@ -33,7 +33,7 @@ TABLE: dict[str, list] = {
     "loss.divergence": ["kl", ""], "loss.k": [0, -1], "loss.beta": [0, -1.0] + NON_FINITE,
     "loss.temperature": [0, -2.0] + NON_FINITE, "loss.ce_weight": [-0.1] + NON_FINITE,
     "loss.kd_weight": [-1] + NON_FINITE, "loss.jsd_beta": [0, 1, 1.5] + NON_FINITE,
-    "loss.beta_scope": ["batch"], "loss.loss_group_size": [-1], "loss.chunk_size": [0],
+    "loss.beta_scope": ["batch"], "loss.loss_group_size": [-1], "loss.chunk_size": [-1, -1024],
     "loss.row_passes": ["triton", "", True],
     "loss.hidden_weight": [-1.0] + NON_FINITE, "loss.hidden_layer_map": None,
     "optim.lr": [0, -1e-4] + NON_FINITE, "optim.weight_decay": [-0.1] + NON_FINITE,

@@ -1053,3 +1053,44 @@ def test_gradcheck_fused(divergence, layout):
         return loss
 
     assert torch.autograd.gradcheck(fn, (hs, Ws, bs), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_default_chunk_size_per_device():
+    """Chunk sizes worked out by hand from the budgets (128 MiB per fp32 [chunk, V_r] buffer on a
+    CPU, 1 GiB on an accelerator; a power of two in [64, 4096])."""
+    L, _ = impl()
+    cases = [
+        (False, 128256, 256),   # 2**27 / (128256 * 4) = 261.6
+        (False, 32003, 1024),   # 1048.6
+        (True, 128256, 2048),   # 2**30 / (128256 * 4) = 2093
+        (True, 32003, 4096),    # 8387 -> the cap
+        (True, 64128, 4096),    # V/G of a 2-rank group at V = 128256: 4186
+        (False, 1000, 4096),    # 33554 -> the cap
+        (False, 10**6, 64),     # 33 -> the floor
+    ]
+    for accelerator, v, rows in cases:
+        assert L.default_chunk_size(accelerator=accelerator, vocab_local=v) == rows, (accelerator, v)
+    assert L.default_chunk_size(accelerator=False, vocab_local=128256, elem_bytes=8) == 128
+
+
+def test_fused_default_chunk_is_the_derived_one(monkeypatch):
+    """chunk_size=None runs the chunks the device's rule gives (on a CPU at V = 300 000: 64
+    positions, the floor), and the same numbers as that chunk size named explicitly."""
+    import tailkd_dist.losses.fused as fused_mod
+
+    L, _ = impl()
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 100, 4, 300_000
+    hs = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.3
+    ht = torch.randn(n, d, generator=g, dtype=torch.float64)
+    wt = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.3
+    lab = torch.randint(0, v, (n,), generator=g)
+    rows, real = [], fused_mod._logits
+    monkeypatch.setattr(fused_mod, "_logits", lambda h, *a, **k: rows.append(h.shape[0]) or real(h, *a, **k))
+    got, _ = L.fused_linear_distill(hs, ws, ht, wt, lab, divergence="forward_kl", stats=False)
+    rows_default = list(rows)
+    rows.clear()
+    want, _ = L.fused_linear_distill(hs, ws, ht, wt, lab, divergence="forward_kl", stats=False, chunk_size=64)
+    assert rows_default == rows == [64, 64, 36, 36], rows_default  # student and teacher per chunk
+    assert torch.equal(got, want)

@@ -126,13 +126,17 @@ def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_
     # The HSDP run also compiles the loss's row passes (the default on CUDA; eager on CPUs),
     # and each run says which it uses.
     for name, kw, path in (
-        ("fsdp", {}, "loss row passes: eager on cpu"),
+        ("fsdp", dict(loss__chunk_size=0), "loss row passes: eager on cpu"),
         ("hsdp_ac", dict(loss__loss_group_size=1, engine__activation_checkpointing=True,
                          loss__row_passes="compiled"), "loss row passes: compiled as asked"),
     ):
         cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **specs, **kw)
         out = run(cfg, launcher="torchrun", nproc=2)
         assert path in out.stderr, (name, out.stderr[-3000:])
+        # loss.chunk_size 0 (auto) on a CPU: 128 MiB per [chunk, V/G] buffer -> the 4096 cap here
+        chunks = ("loss chunks: 4096 positions (loss.chunk_size 0 = auto: derived for cpu" if name == "fsdp"
+                  else "loss chunks: 40 positions (loss.chunk_size)")
+        assert chunks in out.stderr, (name, out.stderr[-3000:])
         compiled_at_step_1 = re.search(r"loss row passes: (\d+) graph\(s\) compiled so far, [\d.]+ s in all \(at step 1\)",
                                        out.stderr)
         assert bool(compiled_at_step_1) == (name == "hsdp_ac"), (name, out.stderr[-3000:])

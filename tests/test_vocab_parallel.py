@@ -484,6 +484,8 @@ def _mismatch_scenarios(rank: int) -> dict[str, dict]:
         "misaligned_slices": {"teacher_rows": {0: 31, 1: 33}.get(rank, 32)},
         # one rank asks for a different k
         "different_k": {"k": 5 if rank == 3 else 10},
+        # one rank chunks differently (the chunk loop's exchanges would no longer pair up)
+        "different_chunk": {"chunk_size": 4 if rank == 1 else 3},
         # k >= V for everybody
         "k_not_below_vocab": {"k": 128},
         # an error only rank 2 can see (labels of the wrong shape)
@@ -517,7 +519,7 @@ def _mismatch_worker(rank: int, world_size: int) -> dict[str, str]:
             lab = lab[:-1]
         try:
             loss, _ = fused_linear_distill(hs, sw, hs.detach(), tw, lab, k=dev.get("k", 10),
-                                           chunk_size=3, vocab_group=group)
+                                           chunk_size=dev.get("chunk_size", 3), vocab_group=group)
             loss.backward()
             out[name] = "ok"
         except ValueError as exc:
@@ -531,6 +533,7 @@ def test_mismatched_calls_fail_on_every_rank_alike():
         "teacher_vocab_short": ("rank 1", "32 student", "31 teacher"),
         "misaligned_slices": ("rank 0", "31 teacher", "rank 1", "33 teacher"),
         "different_k": ("identical loss settings", "k"),
+        "different_chunk": ("identical loss settings", "chunk_size"),
         "k_not_below_vocab": ("k=128", "V=128"),
         "bad_labels_on_rank2": ("rank 2", "labels"),
     }

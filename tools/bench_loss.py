@@ -7,8 +7,9 @@
 For each (V, divergence) it measures one forward+backward of
   (a) naive: full [N, V] logits by matmul, the dense loss (tailkd_dist.losses.dense) and
       autograd — what a plain training loop does;
-  (b) fused: tailkd_dist.losses.fused_linear_distill at the default chunk size (and any
-      extra --chunks), gradients formed chunk by chunk.
+  (b) fused: tailkd_dist.losses.fused_linear_distill at the default chunk size (derived for
+      the device: losses.default_chunk_size) and any extra --chunks (default 1024), gradients
+      formed chunk by chunk.
 Both compute CE + divergence (k=10, beta=2) and the gradients w.r.t. student hidden states
 and lm_head weight. Every measurement runs in its own process (peak memory on CPU is the
 process's high-water mark); time is the best of --repeats calls, memory is from the first.
@@ -56,7 +57,7 @@ def one(args) -> dict:
 
     def fused():
         loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=args.div, k=10, beta=2.0,
-                                       chunk_size=args.chunk, compiled=args.row_passes == "compiled")
+                                       chunk_size=args.chunk or None, compiled=args.row_passes == "compiled")
         loss.backward()
 
     fn = naive if args.impl == "naive" else fused
@@ -193,7 +194,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=2048, help="positions")
     ap.add_argument("--d", type=int, default=512, help="hidden size (student and teacher)")
     ap.add_argument("--vocab", type=int, nargs="*", default=[32003, 128256])
-    ap.add_argument("--chunks", type=int, nargs="*", default=[256], help="extra fused chunk sizes to show")
+    ap.add_argument("--chunks", type=int, nargs="*", default=[1024],
+                    help="extra fused chunk sizes to show (besides the default, derived for the device)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
@@ -215,6 +217,12 @@ def main(argv=None):
         print(json.dumps(one(args)))
         return
 
+    from tailkd_dist.losses import default_chunk_size
+
+    def label(chunk: int, v: int) -> str:  # 0: the loss's default, derived for the device
+        derived = default_chunk_size(accelerator=torch.cuda.is_available(), vocab_local=v)
+        return str(chunk) if chunk else f"auto ({derived})"
+
     me = os.path.abspath(__file__)
     common = ["--n", str(args.n), "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats),
               "--threads", str(args.threads), "--row-passes", args.row_passes]
@@ -222,20 +230,20 @@ def main(argv=None):
     for v in args.vocab:
         res = {}
         for div in ("forward_kl", "tad"):
-            for impl, chunk in [("naive", 1024), ("fused", 1024)] + [("fused", c) for c in args.chunks]:
+            for impl, chunk in [("naive", 0), ("fused", 0)] + [("fused", c) for c in args.chunks]:
                 r = benchutil.run_isolated(me, ["--one", "--impl", impl, "--div", div, "--chunk", str(chunk),
                                                 "--vocab", str(v)] + common)
                 res[(div, impl, chunk)] = r
                 first = f", first call {r['first_call']:.1f} s" if r.get("first_call") is not None else ""
-                print(f"  V={v} {div:10s} {impl:5s} chunk={chunk:5d}: {r['seconds']:.2f} s, "
+                print(f"  V={v} {div:10s} {impl:5s} chunk={label(chunk, v):>11s}: {r['seconds']:.2f} s, "
                       f"peak {benchutil.mib(r['peak'])} MiB{first}", file=sys.stderr, flush=True)
         for div in ("forward_kl", "tad"):
-            nv = res[(div, "naive", 1024)]
-            for chunk in [1024] + args.chunks:
+            nv = res[(div, "naive", 0)]
+            for chunk in [0] + args.chunks:
                 fu = res[(div, "fused", chunk)]
                 kl = res[("forward_kl", "fused", chunk)]
                 rows.append([
-                    v, div, chunk, f"{nv['seconds']:.2f}", f"{fu['seconds']:.2f}",
+                    v, div, label(chunk, v), f"{nv['seconds']:.2f}", f"{fu['seconds']:.2f}",
                     f"{fu['seconds'] / nv['seconds']:.2f}", benchutil.mib(nv["peak"]), benchutil.mib(fu["peak"]),
                     f"{100 * fu['peak'] / nv['peak']:.1f}%", f"{fu['seconds'] / kl['seconds']:.2f}",
                 ])

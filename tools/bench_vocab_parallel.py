@@ -4,7 +4,7 @@
     python tools/bench_vocab_parallel.py                          # N=2048, d=512, V=128256, k=10, TAD
     python tools/bench_vocab_parallel.py --vocab 32003 --n 512    # quick small run
 
-The same global batch (N positions in total, d, V, k, fp32, the loss's default chunk_size) is
+The same global batch (N positions in total, d, V, k, fp32, chunk_size 1024 unless --chunk) is
 run by a loss group of P ranks: positions split evenly over the ranks (rank r holds positions
 [r*N/P, (r+1)*N/P), the remainder to the first ranks), vocabulary rows split into contiguous
 slices in rank order (the remainder to the first ranks). P=1 is one process with
@@ -184,7 +184,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--div", choices=["tad", "forward_kl", "reverse_kl", "jsd"], default="tad")
-    ap.add_argument("--chunk", type=int, default=None, help="chunk_size (default: the loss's default)")
+    ap.add_argument("--chunk", type=int, default=1024, help="chunk_size (the same for every group size)")
     ap.add_argument("--computed", type=int, nargs="*", default=[4, 8], help="group sizes given by the formula only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / P)")
     ap.add_argument("--repeats", type=int, default=1, help="time = best of this many calls")
@@ -198,12 +198,9 @@ def main(argv=None):
         print(json.dumps(one(args)))
         return
 
-    import inspect
-
-    from tailkd_dist.losses import fused_linear_distill
     from tailkd_dist.losses.traffic import loss_numbers_per_token
 
-    chunk = args.chunk or inspect.signature(fused_linear_distill).parameters["chunk_size"].default
+    chunk = args.chunk
     prepass = args.div == "tad" and args.n > chunk  # the design's TAD pre-pass (more than one chunk)
     formula = lambda p: loss_numbers_per_token(group_size=p, k=args.k, divergence=args.div,  # noqa: E731
                                                temperature=1.0, prepass=prepass)

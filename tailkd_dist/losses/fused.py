@@ -75,6 +75,25 @@ _BLOCK_ELEMENTS_CUDA = 1 << 27
 _TEACHER_ELEMENTS = 1 << 23
 _TEACHER_ELEMENTS_CUDA = 1 << 27
 
+# Bytes of one [chunk, V_r] logit buffer when the chunk size is derived (chunk_size=None).
+# A CPU's matmul is as fast on 256 rows as on 1024 and the buffers are what the loss adds to
+# the peak (2-3 of them): 128 MiB (256 rows at V = 128256, 1024 at V = 32003). An
+# accelerator's matmul needs thousands of rows to reach its peak and has the memory: 1 GiB
+# (2048 rows at V = 128256, the 4096 cap at V = 32003).
+_CHUNK_BYTES_CPU = 128 << 20
+_CHUNK_BYTES_ACCELERATOR = 1 << 30
+_CHUNK_ROWS_MAX = 4096
+
+
+def default_chunk_size(*, accelerator: bool, vocab_local: int, elem_bytes: int = 4) -> int:
+    """Positions per chunk when the caller names none: the largest power of two whose
+    [chunk, vocab_local] buffer fits the device's budget (powers of two, so a chunk holds whole
+    rows of a power-of-two sequence length and TAD needs no pre-pass; at least 64 rows, at most
+    ``_CHUNK_ROWS_MAX``)."""
+    budget = _CHUNK_BYTES_ACCELERATOR if accelerator else _CHUNK_BYTES_CPU
+    rows = max(1, budget // max(1, vocab_local * elem_bytes))
+    return max(64, min(_CHUNK_ROWS_MAX, 1 << (rows.bit_length() - 1)))
+
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -152,7 +171,7 @@ def _agree(local_problem, *, sh, sw, tw, needs_grad, settings, group) -> _Layout
         problems = [f"rank {r}: {m}" if group is not None else m for r, m in enumerate(msgs) if m]
     else:
         names = ("k", "divergence", "beta", "temperature", "ce_weight", "kd_weight", "jsd_beta",
-                 "student_bias given", "teacher_bias given", "stats")
+                 "student_bias given", "teacher_bias given", "stats", "chunk_size")
         for r, row in enumerate(table):
             differ = [nm for nm, a, b in zip(names, row[6:], table[0][6:]) if a != b]
             if differ:
@@ -661,8 +680,10 @@ def _check_call(sh, sw, th, tw, labels, doc_ids, sb, tb, *, k, beta, temperature
     local_problem = None
     try:
         check_loss_args(k=k, beta=beta, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (positions per chunk)")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (positions per chunk) "
+                             "or None (derived for the device: fused.default_chunk_size)")
     except ValueError as e:
         if vocab_group is None:
             raise
@@ -677,6 +698,7 @@ def _check_call(sh, sw, th, tw, labels, doc_ids, sb, tb, *, k, beta, temperature
         DIVERGENCES.index(divergence) if divergence in DIVERGENCES else -1,
         _float_bits(beta), _float_bits(temperature), _float_bits(ce_weight), _float_bits(kd_weight),
         _float_bits(jsd_beta), int(sb is not None), int(tb is not None), int(bool(stats)),
+        chunk_size if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) else 0,
     ]
     return _agree(local_problem, sh=sh, sw=sw, tw=tw, needs_grad=needs_grad, settings=settings, group=vocab_group)
 
@@ -695,7 +717,7 @@ def fused_linear_distill(
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     jsd_beta: float = 0.5,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     doc_ids: torch.Tensor | None = None,
     ignore_index: int = -100,
     student_bias: torch.Tensor | None = None,
@@ -721,9 +743,11 @@ def fused_linear_distill(
         doc_ids: [N] / [B, T] int document ids for TAD's per-document beta(X) (equal ids = one
             document wherever they stand; global across the group). Default: each row of
             [B, T] is a document, all of [N] is one.
-        chunk_size: positions per chunk; extra memory ~ 2 * chunk_size * V_r logits (TAD
-            with a document that spans chunks: ~ chunk_size * V_r, the teacher's logits
-            streamed in blocks of rows after its pre-pass).
+        chunk_size: positions per chunk; extra memory ~ 2 * chunk_size * V_r logits (3 with
+            compiled row passes; TAD with a document that spans chunks: one fewer, the
+            teacher's logits streamed in blocks of rows after its pre-pass). None: derived
+            for the device and the group's vocabulary slice (``default_chunk_size``: 128 MiB
+            per buffer on a CPU, 1 GiB on an accelerator).
         vocab_group: process group sharing the vocabulary (None: single process).
         stats: compute the monitoring statistics. False (a training step that logs nothing)
             skips what only they need: for forward KL, reverse KL, JSD and CE the teacher's
@@ -753,7 +777,9 @@ def fused_linear_distill(
     opts = _Opts(
         divergence=divergence, k=k, beta=float(beta), tau=float(temperature),
         ce_weight=float(ce_weight), kd_weight=float(kd_weight), jsd_beta=float(jsd_beta),
-        chunk_size=chunk_size, ignore_index=ignore_index, stats=bool(stats),
+        chunk_size=chunk_size if chunk_size is not None else default_chunk_size(
+            accelerator=student_hidden.device.type != "cpu", vocab_local=-(-layout.vocab // len(layout.counts))),
+        ignore_index=ignore_index, stats=bool(stats),
         compiled=row_path(student_hidden.device, compiled).compiled,
     )
     th = teacher_hidden.detach()
