@@ -51,6 +51,21 @@ def test_allocations_and_the_self_of_new_ops_are_not_passes():
     assert r["passes"] == 1 + 3, r
 
 
+def test_writes_at_indices_touch_only_those_elements():
+    x = torch.randn(ROWS, V)
+    idx = torch.randint(0, V, (ROWS, 3))
+
+    def fn():
+        y = x.clone()                                    # reads x, writes y: 2
+        y.scatter_(1, idx, 0.0)                          # 3 entries per row: 0 passes
+        y.view(-1).index_fill_(0, idx.flatten(), 1.0)    # likewise
+        z = x.scatter(1, idx, 0.0)                       # out of place: copies x, reads x: 2
+        return y, z
+
+    r = count_passes(fn, vocab=V, rows=ROWS)
+    assert r["passes"] == 2 + 2, r
+
+
 def test_an_argument_written_in_place_but_not_returned_counts_as_written():
 
     @torch.library.custom_op("passcount_test::fill_from", mutates_args=("out",))

@@ -141,3 +141,23 @@ def test_compiled_passes_store_no_rows_by_vocab_intermediate():
         big = [m.group(0) for m in buffers if not (m.group(2).isdigit() and int(m.group(2)) < 64)]
         assert not big, f"{name}: the compiled pass stores [rows, V] intermediates: {big}"
     torch._dynamo.reset()
+
+
+def test_fill_at_eager_and_compiled_against_a_loop():
+    """divergences.fill_at: K's columns set, -1 entries ignored, column 0 left alone unless it
+    is one of the row's columns; eager (scatter) and compiled (compares) alike, checked against
+    a plain loop."""
+    from tailkd_dist.losses.divergences import fill_at
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 11, generator=g, dtype=F64)
+    cols = torch.tensor([[0, 3, -1], [-1, -1, -1], [10, 0, 0], [2, -1, 7], [-1, 5, 0]])
+    want = x.clone()
+    for r in range(cols.shape[0]):
+        for c in cols[r].tolist():
+            if c >= 0:
+                want[r, c] = -7.5
+    assert torch.equal(fill_at(x.clone(), cols, -7.5), want)
+    assert torch.equal(fill_at(x.clone(), cols[:, :0], -7.5), x)
+    compiled_fill = torch.compile(fill_at, fullgraph=True, dynamic=True)
+    assert torch.equal(compiled_fill(x.clone(), cols, -7.5), want)

@@ -76,6 +76,9 @@ def one(args) -> dict:
 
 # Allocations write no element (a pass is a read or write of every logit).
 ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+# In-place writes at given indices: their ``self`` is touched only where the (small) index
+# tensors point, not in full (those indices, [rows, k], are not logit-sized).
+SPARSE_WRITES = ("scatter_", "scatter_add_", "scatter_reduce_", "index_put_", "index_fill_", "index_add_")
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv", "addmv")
 
 
@@ -105,7 +108,8 @@ def count_passes(fn, *, vocab: int, rows: int) -> dict:
     size no other dimension has, e.g. 32003). An in-place operator's tensor counts as input
     and as output (it is read and written). The sum divided by rows * vocab is the number of
     passes over the logits. Allocations (``empty``) write nothing and are not counted, nor is
-    the ``self`` of ``new_zeros`` & co. (only its dtype is read). A compiled or custom kernel counts its logit-sized inputs and
+    the ``self`` of ``new_zeros`` & co. (only its dtype is read), nor that of an in-place write at
+    indices (``scatter_`` & co.: it touches only the elements its index tensors name). A compiled or custom kernel counts its logit-sized inputs and
     outputs once each, which is what this counts for any single operator; an argument it
     writes without returning it (a custom operator's output buffer) counts as written too.
     The fused loss's compiled row passes are such operators (``rowpass``: one ``tailkd::``
@@ -125,12 +129,15 @@ def count_passes(fn, *, vocab: int, rows: int) -> dict:
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             if name not in MATMULS and not func.is_view and name not in ALLOCATIONS:
-                # new_zeros & co. take only dtype and device from ``self``: its data is not read.
-                flat, _ = tree_flatten((args[1:] if name.startswith("new_") else args, kwargs or {}, out))
+                # new_zeros & co. take only dtype and device from ``self``: its data is not read;
+                # a sparse write reads and writes its ``self`` only at its indices.
+                sparse = name in SPARSE_WRITES
+                flat, _ = tree_flatten((args[1:] if name.startswith("new_") or sparse else args, kwargs or {},
+                                        None if sparse else out))
                 outs = {id(t) for t in tree_flatten(out)[0]}
                 # An argument the operator writes but does not return (a custom op's output
                 # buffer) is read or not, but written: it counts once more.
-                written = [v for _, v in _mutated(func, args, kwargs or {}) if id(v) not in outs]
+                written = [] if sparse else [v for _, v in _mutated(func, args, kwargs or {}) if id(v) not in outs]
                 n = sum(t.numel() for t in flat + written if _logit_sized(t, vocab))
                 if n:
                     self.by_op[name] += n

@@ -26,6 +26,27 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
+def fill_at(x: torch.Tensor, cols: torch.Tensor, value: float) -> torch.Tensor:
+    """x with x[row, c] = value for each of the row's columns c in ``cols`` ([b, m]; -1: none).
+
+    ``x`` must be the caller's own temporary: eagerly it is written in place by one scatter of
+    b*m entries (no [b, V] mask is made or read); compiled, m compares per element fuse into the
+    pass."""
+    if cols.shape[1] == 0:
+        return x
+    if torch.compiler.is_compiling():
+        at = torch.arange(x.shape[1], device=x.device)
+        hit = at == cols[:, :1]
+        for i in range(1, cols.shape[1]):
+            hit = hit | (at == cols[:, i : i + 1])
+        return x.masked_fill(hit, value)
+    # The -1 entries land on column 0; it is put back afterwards unless 0 is a real column.
+    col0 = x[:, 0].clone()
+    x.scatter_(1, cols.clamp(min=0), value)
+    x[:, 0] = torch.where((cols == 0).any(1), value, col0)
+    return x
+
+
 @dataclass
 class RowBlock:
     """Rows of a chunk inside a row pass, as pure tensors: the normalised logits and the
@@ -36,7 +57,7 @@ class RowBlock:
 
     log_p: torch.Tensor  # [b, V_r] teacher log-probabilities (this rank's vocabulary slice)
     log_q: torch.Tensor  # [b, V_r] student log-probabilities
-    in_k: torch.Tensor | None  # [b, V_r] bool: the entry is one of the teacher's top-k K
+    k_cols: torch.Tensor | None  # [b, m] columns of the teacher's top-k K in this slice (-1: none)
     beta_x: torch.Tensor  # [b, 1] TAD's beta(X) of the row's document (0 for the others)
     log_ratio: torch.Tensor | None  # [b, 1] log aT - log aS
     jsd_beta: float
@@ -64,6 +85,10 @@ class RowBlock:
         if self._diff is None:
             self._diff = self.log_p - self.log_q
         return self._diff
+
+    def outside_k(self, x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """x (the caller's own temporary) with K's entries set to ``value``."""
+        return fill_at(x, self.k_cols, value)
 
     def log_m(self) -> torch.Tensor:
         """JSD's mixture log(b p + (1-b) q), from the logs (no underflow of p or q)."""
@@ -135,7 +160,7 @@ class TAD(Divergence):
         # q_j aT/aS is formed as exp(log q_j + log aT - log aS): exact even when aS underflows.
         # Clamped: K entries (masked out) could overflow; tail entries are <= aT <= 1.
         # In place on the hook's own temporary (one block-sized allocation when eager).
-        tail = torch.add(blk.log_q, blk.log_ratio).clamp_(max=0.0).exp_().sub_(blk.p).masked_fill_(blk.in_k, 0.0)
+        tail = blk.outside_k(torch.add(blk.log_q, blk.log_ratio).clamp_(max=0.0).exp_().sub_(blk.p))
         return tail.mul_(blk.beta_x - 1.0).add_(blk.q).sub_(blk.p)
 
 

@@ -18,7 +18,8 @@ sweep: the gradient, in place). The same functions run eagerly where compiling i
 then make block-sized temporaries, so the caller hands them row blocks.
 
 K membership inside a compiled pass is k compares per element against the row's K columns
-(no [rows, V] mask is written); eagerly, a boolean mask of the row block made by one scatter.
+(no [rows, V] mask is written); eagerly, one scatter of k values per row into the temporary
+that excludes K (``divergences.fill_at``).
 
 Specification: ``docs/loss.md`` ("The chunked form", "The element-wise pass budget").
 """
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .columns import Columns
-from .divergences import HOOKS, RowBlock, rowdot
+from .divergences import HOOKS, RowBlock, fill_at, rowdot
 
 
 # --------------------------------------------------------------------------- what travels
@@ -78,23 +79,6 @@ def pad_ids(ids: torch.Tensor) -> torch.Tensor:
     return F.pad(ids, (0, -ids.shape[1] % 8), value=-1)
 
 
-def member(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """[b, m] column ids (-1: none) -> [b, width] bool: is the column one of its row's ids."""
-    if ids.shape[1] == 0:
-        return torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)
-    if torch.compiler.is_compiling():
-        # m compares per element fuse into the pass: no [b, V] mask is written or read.
-        cols = torch.arange(width, device=ids.device)
-        hit = cols == ids[:, :1]
-        for i in range(1, ids.shape[1]):
-            hit = hit | (cols == ids[:, i : i + 1])
-        return hit
-    # Eagerly one scatter into a block-sized mask; "none" lands in a spare last column.
-    out = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
-    out.scatter_(1, torch.where(ids < 0, width, ids), True)
-    return out[:, :width]
-
-
 def teacher_pass(t: torch.Tensor, top_values: torch.Tensor | None, own: torch.Tensor | None) -> torch.Tensor:
     """Raw teacher logits [b, V_r] -> [b, 3]: (max or -, sum of exp, sum of exp outside own top-k).
 
@@ -112,7 +96,7 @@ def teacher_pass(t: torch.Tensor, top_values: torch.Tensor | None, own: torch.Te
     if k >= t.shape[1]:  # the rank's slice has no entry outside its own top-k
         rest = torch.zeros_like(sumexp)
     else:
-        rest = torch.sub(t, top_values[:, k : k + 1]).masked_fill_(member(own, t.shape[1]), float("-inf"))
+        rest = fill_at(torch.sub(t, top_values[:, k : k + 1]), own, float("-inf"))
         rest = rest.exp_().sum(-1)
     return torch.stack([sumexp, rest, t.amin(-1)], 1)
 
@@ -132,7 +116,7 @@ def student_pass(s: torch.Tensor, k_cols: torch.Tensor | None, tau: float, raw_c
     mx, arg = s.max(-1)
     out = [mx, arg.to(s.dtype), torch.sub(s, mx[:, None]).exp_().sum(-1)]
     if k_cols is not None:
-        tail = s.masked_fill(member(k_cols, s.shape[1]), float("-inf"))
+        tail = fill_at(s.clone(), k_cols, float("-inf"))
         tmax = tail.amax(-1)
         tsum = tail.sub_(tmax[:, None]).exp_().sum(-1)  # NaN where tmax = -inf: replaced next
         out += [tmax, torch.where(torch.isfinite(tmax), tsum, 0.0)]
@@ -178,7 +162,7 @@ def sweep(
     cols = sum_columns(divergence, stats=stats)
     log_p, log_q = torch.sub(t, lse_t[:, None]), torch.sub(s, lse_s[:, None])
     blk = RowBlock(
-        log_p=log_p, log_q=log_q, in_k=None if k_cols is None else member(k_cols, s.shape[1]),
+        log_p=log_p, log_q=log_q, k_cols=k_cols,
         beta_x=beta_x[:, None], log_ratio=None if log_ratio is None else log_ratio[:, None], jsd_beta=jsd_beta,
         sums={} if sums is None else {n: v[:, None] for n, v in cols.unpack(sums).items()},
     )
@@ -187,12 +171,12 @@ def sweep(
         got = dict(hook.partials(blk))
         if stats:
             got.update(plogp=rowdot(blk.p, log_p), qlogq=rowdot(blk.q, log_q))
-        if blk.in_k is not None:
+        if k_cols is not None:
             # KL over K from K's own k entries; over the tail, the rest of the row: exact.
             lp_k, has = _gather_or_zero(log_p, k_cols)
             lq_k, _ = _gather_or_zero(log_q, k_cols)
             got["kl_top"] = torch.where(has, lp_k.exp() * (lp_k - lq_k), 0.0).sum(-1)
-            got["kl_tail"] = torch.mul(blk.p, blk.diff).masked_fill_(blk.in_k, 0.0).sum(-1)
+            got["kl_tail"] = blk.outside_k(torch.mul(blk.p, blk.diff)).sum(-1)
         else:
             got["kl"] = rowdot(blk.p, blk.diff)
         lq, has_label = _gather_or_zero(log_q, label_col[:, None])
