@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tailkd_dist.losses.common import DIVERGENCES
+from tailkd_dist.model_files import check_model_dir
 from tailkd_dist.staging import check_creatable_dir, write_atomic
 
 
@@ -415,12 +416,11 @@ def validate(cfg: TrainConfig) -> None:
         if (spec.path is None) == (spec.config is None):
             raise ValueError(f"config key 'models.{role}': give exactly one of 'path' (an HF directory) "
                              "or 'config' (an HF config mapping)")
-        if spec.path is not None and not os.path.isdir(spec.path):
-            raise ValueError(f"config key 'models.{role}.path' = {spec.path!r}: no such directory "
-                             "(models are never downloaded: point at a local HF checkpoint)")
-        if spec.path is not None and not os.path.isfile(os.path.join(spec.path, "config.json")):
-            raise ValueError(f"config key 'models.{role}.path' = {spec.path!r} has no config.json: not a "
-                             "Hugging Face model directory (save one with save_pretrained)")
+        if spec.path is not None:
+            try:  # the files on disk, before anything large is loaded
+                check_model_dir(spec.path)
+            except ValueError as e:
+                raise ValueError(f"config key 'models.{role}.path' = {spec.path!r}: {e}") from None
         if spec.config is not None and "model_type" not in spec.config:
             raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
 

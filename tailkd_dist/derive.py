@@ -67,6 +67,7 @@ from typing import Any
 
 from tailkd_dist import __version__
 from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
+from tailkd_dist.model_files import check_model_dir
 from tailkd_dist.signals import unwind_on_signals
 from tailkd_dist.staging import check_replaceable, staged_dir
 
@@ -402,6 +403,7 @@ def derive(config: DeriveConfig) -> dict[str, Any]:
     layer_map = _layer_map(config, t.layers)
     s = _student_shape(config, t, teacher_cfg.model_type, teacher_cfg)
     s.layers = len(layer_map)
+    check_model_dir(teacher_dir)  # the weights' files, before any is read
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -609,7 +609,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
             r.problems.append(f"the vocabulary ({vocab} rows) cannot be split over loss.loss_group_size = {lg} ranks")
 
     # -- data ------------------------------------------------------------------------------
-    from tailkd_dist.data.dataset import check_compat, read_manifest
+    from tailkd_dist.data.dataset import check_compat, read_index, read_manifest
 
     seq_len = None
     manifest = None
@@ -638,10 +638,17 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                     f"data.micro_batch_size = {cfg.data.micro_batch_size} rows but split {cfg.data.train_split!r} "
                     f"has {rows} rows, {per_rank} per rank over {world_size} rank(s): every epoch would be "
                     "empty; lower data.micro_batch_size, or use fewer ranks or more data")
-        if cfg.data.train_split in splits and cfg.data.remote is None:
-            index = Path(cfg.data.path) / cfg.data.train_split / "index.json"
-            if not (index.is_file() and os.access(index, os.R_OK)):
-                r.problems.append(f"data: {index} is missing or unreadable (the split's shard index)")
+        for split in (cfg.data.train_split, cfg.data.eval_split):
+            if split not in splits or cfg.data.remote is not None:
+                continue
+            index = Path(cfg.data.path) / split / "index.json"
+            if not index.is_file():
+                r.problems.append(f"data: {index} is missing (the split's shard index)")
+                continue
+            try:
+                read_index(index)
+            except ValueError as e:
+                r.problems.append(f"data: {e}")
         if cfg.data.eval_split not in splits:
             r.info.append(f"data: no {cfg.data.eval_split!r} split: no evaluation")
         tok = tokenizer_dir(cfg.models.student) or tokenizer_dir(cfg.models.teacher)

@@ -220,3 +220,106 @@ def test_overrides_may_follow_the_options(tmp_path, capsys, tool):
     rc = main([str(path), "--engine", "fsdp2", *extra, "loss.beta=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "'loss.beta' = 0.0 must be > 0" in err and "unrecognized" not in err, err
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged input files: the shards' manifest and index, a model directory
+# ------------------------------------------------------------------------------------------
+def _edit_json(path, change):
+    import json
+
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _truncate(path, keep):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: keep(len(raw))])
+
+
+DAMAGE = {  # name -> (what is damaged, how, a fragment the one line must hold)
+    "manifest not JSON": ("data", lambda d, m: (d / "manifest.json").write_text("{bad"), "not valid JSON"),
+    "manifest a list": ("data", lambda d, m: (d / "manifest.json").write_text("[1, 2]"), "a JSON list"),
+    "manifest binary": ("data", lambda d, m: (d / "manifest.json").write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
+    "manifest seq_len a string": ("data", lambda d, m: _edit_json(d / "manifest.json", lambda x: {**x, "seq_len": "abc"}),
+                                  "'seq_len' = 'abc'"),
+    "manifest splits missing": ("data", lambda d, m: _edit_json(d / "manifest.json", lambda x: {
+        k: v for k, v in x.items() if k != "splits"}), "'splits' = None"),
+    "manifest rows negative": ("data", lambda d, m: _edit_json(d / "manifest.json", lambda x: {
+        **x, "splits": {**x["splits"], "train": {**x["splits"]["train"], "rows": -4}}}), "'splits.train.rows' = -4"),
+    "train index not JSON": ("data", lambda d, m: (d / "train" / "index.json").write_text("{bad"), "train/index.json"),
+    "validation index no shards": ("data", lambda d, m: (d / "validation" / "index.json").write_text('{"version": 2}'),
+                                   "validation/index.json is not a shard index"),
+    "model config not JSON": ("model", lambda d, m: (m / "config.json").write_text("{bad"), "config.json is not valid JSON"),
+    "model config without model_type": ("model", lambda d, m: _edit_json(m / "config.json", lambda x: {
+        k: v for k, v in x.items() if k != "model_type"}), "names no model_type"),
+    "weights header cut": ("model", lambda d, m: _truncate(m / "model.safetensors", lambda n: 1000),
+                           "model.safetensors is not a safetensors file, or is truncated"),
+    "weights data cut": ("model", lambda d, m: _truncate(m / "model.safetensors", lambda n: n - 100),
+                         "model.safetensors is truncated"),
+    "weights zeroed": ("model", lambda d, m: (m / "model.safetensors").write_bytes(bytes(5000)),
+                       "damaged safetensors header"),
+    "weights missing": ("model", lambda d, m: (m / "model.safetensors").unlink(), "has no weights"),
+    "weights shard missing": ("model", lambda d, m: (
+        (m / "model.safetensors").rename(m / "model-00001-of-00002.safetensors"),
+        (m / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')),
+        "model-00002-of-00002.safetensors is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory):
+    import torch
+
+    from tailkd_dist.config import ModelSpec
+    from tailkd_dist.models import build_model
+    from trainer_utils import STUDENT
+
+    path = tmp_path_factory.mktemp("model") / "student"
+    build_model(ModelSpec(config={**STUDENT, "vocab_size": 512}, init_seed=2), dtype=torch.float32,
+                attention="sdpa").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_damaged_input_file_is_one_line_naming_it(data, saved_student, tmp_path, capsys, name):
+    """Each damaged file answered by tailkd-preflight with rc 2 and one line naming the file
+    (several of these were tracebacks, or passed the preflight and failed at load)."""
+    import shutil
+
+    from tailkd_dist.preflight import main
+    from trainer_utils import write_config
+
+    kind, damage, fragment = DAMAGE[name]
+    copy, model = tmp_path / "data", tmp_path / "student"
+    shutil.copytree(data, copy)
+    shutil.copytree(saved_student, model)
+    damage(copy, model)
+    spec = {"models__student": {"path": str(model), "tokenizer": str(copy / "tokenizer")}} if kind == "model" else {}
+    cfg = write_config(tmp_path / "c.yaml", copy, tmp_path / "run", engine__kind="fsdp2", **spec)
+    rc = main([str(cfg), "--world-size", "1"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-preflight: error:")]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert fragment in lines[0] and str(copy if kind == "data" else model) in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_damaged_weights_stop_the_trainer_before_loading(data, saved_student, tmp_path):
+    """Through tailkd-train: a truncated weights file is one line at start (it was a
+    SafetensorError traceback from inside the model loader)."""
+    import shutil
+    import subprocess
+
+    from trainer_utils import REPO, command, env, write_config
+
+    model = tmp_path / "student"
+    shutil.copytree(saved_student, model)
+    _truncate(model / "model.safetensors", lambda n: n // 2)
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", optim__max_steps=2,
+                       models__student={"path": str(model), "tokenizer": str(data / "tokenizer")})
+    out = subprocess.run(command(cfg), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert f"{model / 'model.safetensors'} is truncated" in lines[0], lines
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()

@@ -277,6 +277,10 @@ def other_teachers(tmp_path_factory) -> Path:
                "long_factor": [1.0] * 8}, original_max_position_embeddings=32,
                pad_token_id=0).save_pretrained(root / "longrope")  # config only: refused before
     (root / "noconfig").mkdir()
+    # a whole config and a weights file cut short (a copy that stopped)
+    AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, num_key_value_heads=2)).save_pretrained(root / "cut")
+    weights = root / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
     (root / "file").write_text("x")
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("precious")
@@ -286,6 +290,7 @@ def other_teachers(tmp_path_factory) -> Path:
 BAD = [
     ("missing-dir", "nope", [], "teacher directory .*nope does not exist"),
     ("no-config", "@noconfig", [], "has no config.json"),
+    ("weights-cut", "@cut", [], r"cut/model\.safetensors is truncated: \d+ bytes, its header describes \d+"),
     ("gpt2", "@gpt2", [], "model_type 'gpt2' is not supported: .*llama, qwen2, mistral, phi, "
      "phi3, gemma2"),
     ("unknown-type", "@unknown", [], "model_type 'frobnicator' is not supported"),

@@ -115,14 +115,70 @@ def read_manifest(
     if not path.is_file():
         raise ValueError(f"{path} does not exist: {local} was not written by tailkd-prepare-data, "
                          "or its preparation did not finish (manifest.json is written last).")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): prepare the data again.") from error
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} describes format {manifest.get('format')!r}, this loader reads "
+    manifest = _read_json(path, "prepare the data again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ValueError(f"{path} describes format {found!r}, this loader reads "
                          f"{FORMAT!r}: prepare the data again with this version.")
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    """A JSON file this package wrote; damage -> one ValueError naming the file and ``fix``."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): the file is damaged; {fix}.") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): {fix}.") from error
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error}): {fix}.") from error
+
+
+def _is_count(x: Any, *, positive: bool = False) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= (1 if positive else 0)
+
+
+def _check_manifest_fields(manifest: dict, path: Path) -> None:
+    """The fields this package reads, with their types: an edited or damaged manifest is named
+    here instead of failing later inside the loader."""
+    tok, splits = manifest.get("tokenizer"), manifest.get("splits")
+    checks = [
+        ("seq_len", manifest.get("seq_len"), _is_count(manifest.get("seq_len"), positive=True), "a positive integer"),
+        ("tokenizer", tok, isinstance(tok, dict), "a mapping"),
+        ("splits", splits, isinstance(splits, dict) and bool(splits), "a mapping of split names"),
+    ]
+    if isinstance(tok, dict):
+        checks += [
+            ("tokenizer.sha256", tok.get("sha256"), isinstance(tok.get("sha256"), str), "a string"),
+            ("tokenizer.name", tok.get("name"), isinstance(tok.get("name"), str), "a string"),
+            ("tokenizer.vocab_size", tok.get("vocab_size"), _is_count(tok.get("vocab_size"), positive=True),
+             "a positive integer"),
+        ]
+    if isinstance(splits, dict):
+        for name, split in splits.items():
+            rows = split.get("rows") if isinstance(split, dict) else None
+            checks.append((f"splits.{name}.rows", rows, _is_count(rows), "an integer >= 0"))
+    for key, value, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{path}: field {key!r} = {value!r} is not {want}: the manifest is damaged "
+                             "or was edited; prepare the data again.")
+
+
+def read_index(index_path: Path, *, fix: str = "prepare the data again") -> list[dict]:
+    """The shard list of a split's index.json (streaming's format), each with its ``raw_data``
+    basename and byte size; damage -> one ValueError naming the file."""
+    index = _read_json(index_path, fix)
+    shards = index.get("shards") if isinstance(index, dict) else None
+    ok = isinstance(shards, list) and all(
+        isinstance(sh, dict) and isinstance(sh.get("raw_data"), dict)
+        and isinstance(sh["raw_data"].get("basename"), str) and _is_count(sh["raw_data"].get("bytes"))
+        for sh in shards)
+    if not ok:
+        raise ValueError(f"{index_path} is not a shard index (a 'shards' list, each with raw_data basename and "
+                         f"bytes): the file is damaged; {fix}.")
+    return shards
 
 
 def check_compat(
@@ -181,7 +237,7 @@ def check_local_shards(split_dir: Path, *, remote: str | None, mode: str, algo: 
             raise ValueError(f"{index_path} is missing: {split_dir} holds no prepared shards.")
         return  # nothing cached yet: streaming fetches the index and checks what it downloads
     fix = "delete it from the cache so it is fetched again" if remote else "prepare the data again"
-    for shard in json.loads(index_path.read_text())["shards"]:
+    for shard in read_index(index_path, fix=fix):
         raw = shard["raw_data"]
         path = split_dir / raw["basename"]
         if not path.is_file():
