@@ -56,13 +56,26 @@ def write_hf_student(*, hf_config, body_prefix: str, body_state: dict, head_weig
     with staged_dir(Path(out_dir)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer_dir:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(staging)
+            save_tokenizer(tokenizer_dir, staging)
         (staging / EXPORT_MARKER).write_text(json.dumps({"producer": "tailkd_dist", **(provenance or {})},
                                                         indent=1) + "\n")
     log.info("exported the student to %s", out_dir)
     return out_dir
+
+
+def save_tokenizer(tokenizer_dir, out_dir) -> None:
+    """The tokenizer beside an exported causal LM, returning only what the model takes: a
+    tokenizer that also returns token_type_ids (BERT-style configs, some older tokenizer files)
+    would make ``model.generate(**tokenizer(prompt, return_tensors="pt"))`` fail on the export."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if "token_type_ids" in tok.model_input_names:
+        # Both: the attribute is what this object returns, init_kwargs what save_pretrained writes.
+        names = [n for n in tok.model_input_names if n != "token_type_ids"]
+        tok.model_input_names = names
+        tok.init_kwargs["model_input_names"] = names
+    tok.save_pretrained(out_dir)
 
 
 def _param_name(model, param) -> str:
