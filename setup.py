@@ -14,6 +14,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tailkd_dist", "tailkd_dist.*"]),
     include_package_data=True,
+    # The DeepSpeed configs ship inside the package (ds_configs/ at the top of the checkout is
+    # a link to them): a run started outside the checkout still finds the defaults.
+    package_data={"tailkd_dist": ["ds_configs/*.json"]},
     # Tested: CI (CPU, Python 3.11) runs the whole suite with requirements.lock: torch 2.13.0,
     # transformers 5.17.0, huggingface_hub 1.33.0, tokenizers 0.23.2, deepspeed 0.19.8, datasets
     # 5.0.1; the previous lock (transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.2)

@@ -169,10 +169,12 @@ def _still_valid(out: Path, manifest: dict) -> bool:
 
 
 def _resolve_repo_paths(raw: dict) -> None:
+    from tailkd_dist.engines.deepspeed_engine import resolve_ds_config
+
     for key in ("ds_config", "teacher_ds_config"):
         p = _get_dotted(raw, f"engine.{key}")
-        if p and not os.path.isabs(p) and not os.path.exists(p) and (REPO / p).exists():
-            _set_dotted(raw, f"engine.{key}", str(REPO / p))
+        if p:
+            _set_dotted(raw, f"engine.{key}", resolve_ds_config(p))
 
 
 def build_config(template: str | os.PathLike, *, out_dir: Path, data: Path, nproc: int, engine: str,

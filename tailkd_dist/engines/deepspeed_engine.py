@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,9 +50,31 @@ def _fill_auto(cfg_json: dict, values: dict) -> dict:
     return out
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "ds_configs"
+"""The DeepSpeed configs that ship with the package (``ds_configs/`` of the checkout)."""
+
+
+def resolve_ds_config(path: str) -> str:
+    """Where a DeepSpeed config named in the run config is read: the path as given (relative:
+    from the current directory); failing that, ``ds_configs/NAME`` (or a bare ``NAME``) names
+    the copy shipped with the package, so the defaults work from any directory."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    parts = Path(path).parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "ds_configs"):
+        shipped = SHIPPED / parts[-1]
+        if shipped.is_file():
+            return str(shipped)
+    return path
+
+
 def load_ds_config(path: str, values: dict) -> dict:
+    given, path = path, resolve_ds_config(path)
     if not os.path.isfile(path):
-        raise ValueError(f"config key 'engine.ds_config' / 'engine.teacher_ds_config': {path} does not exist")
+        shipped = ", ".join(sorted(p.name for p in SHIPPED.glob("*.json")))
+        raise ValueError(f"config key 'engine.ds_config' / 'engine.teacher_ds_config': {given} does not exist "
+                         f"(relative paths are read from the current directory {os.getcwd()}; "
+                         f"ds_configs/NAME names a config shipped with the package: {shipped})")
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
