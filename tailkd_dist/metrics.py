@@ -58,7 +58,8 @@ def full_ece_bins(hidden, weight, bias, labels, *, bins: int, group, chunk: int 
 
 @torch.no_grad()
 def evaluate(adapter, batches, cfg) -> dict[str, float]:
-    """Student and teacher on held-out micro-batches; global averages (every rank calls)."""
+    """Student and teacher on held-out micro-batches; global averages (every rank calls). Without
+    a teacher (CE-only training) only the student's own numbers."""
     from tailkd_dist.step import _to, distill_loss, loss_kwargs
 
     adapter.eval()
@@ -70,13 +71,15 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
         b = _to(batch, adapter.device)
         th, sh = adapter.teacher_hidden(b), adapter.student_hidden(b)
         _, st = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
-        # The teacher's own NLL: the fused loss with the teacher as "student", CE only.
-        tw, tb = adapter.teacher_weights()
-        th = sh if th is None else th
-        _, tst = fused_linear_distill(
-            th, tw, th, tw, b["labels"], **{**kw, "divergence": "none"}, student_bias=tb,
-            teacher_bias=tb, vocab_group=adapter.loss_group)
-        sums += torch.stack([st[k].double() for k in STAT_KEYS] + [tst["ce"].double()])
+        teacher_ce = torch.zeros((), dtype=torch.float64, device=adapter.device)
+        if adapter.has_teacher:
+            # The teacher's own NLL: the fused loss with the teacher as "student", CE only.
+            tw, tb = adapter.teacher_weights()
+            _, tst = fused_linear_distill(
+                th, tw, th, tw, b["labels"], **{**kw, "divergence": "none"}, student_bias=tb,
+                teacher_bias=tb, vocab_group=adapter.loss_group)
+            teacher_ce = tst["ce"].double()
+        sums += torch.stack([st[k].double() for k in STAT_KEYS] + [teacher_ce])
         ece += full_ece_bins(sh, adapter.student_head.weight, adapter.student_head.bias, b["labels"],
                              bins=cfg.eval.ece_bins, group=adapter.loss_group)
         adapter.last_states.clear()  # the hidden-state term's layers are not evaluated
@@ -87,14 +90,13 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
     # the group's positions on every rank's vocabulary slice, so they are complete once summed.
     v = dict(zip(list(STAT_KEYS) + ["teacher_ce"], sums.tolist()))
     n = max(v["valid_count"], 1.0)
-    out = {
-        "student_nll": v["ce"] / n, "teacher_nll": v["teacher_ce"] / n,
-        "top1_agreement": v["top1_agree"] / n, "kl": v["kl"] / n, "d1": v["d1"] / n,
-        "at_d2": v["at_d2"] / n, "kd": v["kd"] / n, "full_ece": float((ece[0] - ece[1]).abs().sum() / n),
-        "tokens": v["valid_count"],
-    }
+    out = {"student_nll": v["ce"] / n, "full_ece": float((ece[0] - ece[1]).abs().sum() / n),
+           "tokens": v["valid_count"]}
     out["student_ppl"] = math.exp(min(out["student_nll"], 50.0))
-    out["teacher_ppl"] = math.exp(min(out["teacher_nll"], 50.0))
+    if adapter.has_teacher:  # without a teacher (CE only) these would be the student's own
+        out.update({"teacher_nll": v["teacher_ce"] / n, "top1_agreement": v["top1_agree"] / n,
+                    "kl": v["kl"] / n, "d1": v["d1"] / n, "at_d2": v["at_d2"] / n, "kd": v["kd"] / n})
+        out["teacher_ppl"] = math.exp(min(out["teacher_nll"], 50.0))
     adapter.train()
     return out
 

@@ -24,6 +24,7 @@ from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
 from tailkd_dist.signals import StopSignals, fault_pause
+from tailkd_dist.staging import write_atomic
 from tailkd_dist.losses import default_chunk_size, rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
@@ -39,6 +40,43 @@ def chunk_reason(cfg: TrainConfig, *, device: torch.device, vocab: int) -> str:
     rows = default_chunk_size(accelerator=device.type != "cpu", vocab_local=v_r)
     return (f"{rows} positions (loss.chunk_size 0 = auto: derived for {device.type} and the "
             f"vocabulary slice V/G = {v_r})")
+
+
+def _append_record(cfg: TrainConfig, record: dict) -> None:
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _report_eval(ev: dict, step: int, *, cfg: TrainConfig, tb, rank0: bool, record: bool = True) -> None:
+    """An evaluation where users look: TensorBoard, the console, and its own metrics.jsonl
+    record (``step`` and the ``eval/...`` values)."""
+    tb.scalars({f"eval/{k}": v for k, v in ev.items()}, step)
+    if rank0:
+        print(f"eval at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()), flush=True)
+        if record:
+            _append_record(cfg, {"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+
+
+def _drop_records_after(cfg: TrainConfig, step: int) -> None:
+    """A resumed run re-runs the steps after its checkpoint: their records from the run that
+    stopped go (rewritten whole, atomically), so metrics.jsonl holds each step once."""
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):  # a line cut by the crash: kept as it was
+            later = False
+        if not later:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(x + "\n" for x in kept))
+        log.info("metrics.jsonl: %d record(s) after step %d dropped (those steps run again)",
+                 len(lines) - len(kept), step)
 
 
 def build_topology(cfg: TrainConfig) -> Topology:
@@ -225,6 +263,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     if tag is not None:
         state = checkpoint.load(adapter, cfg, tag)
         start_step, tokens_seen = state["step"], state["tokens"]
+        if rank0:
+            _drop_records_after(cfg, start_step)
         run_id = state.get("run_id") or run_id  # a checkpoint of an older version: adopted
         train_loader.load_state_dict(state["loader"])
         if rank0:
@@ -248,7 +288,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     history = []
     it = iter(train_loader)
     step = start_step
-    last_eval = None
+    last_eval, eval_step = None, None
     stopped_by = None
     fresh_epoch = False
     with stop.step_loop():
@@ -288,9 +328,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
                 scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             history.append({"step": step, **scalars})
-            if rank0:  # machine-readable per-step record (a resumed run appends the re-run steps)
-                with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+            if rank0:  # machine-readable per-step record
+                _append_record(cfg, {"step": step, **scalars})
             if _logged(step, cfg):
                 tb.scalars(scalars, step)
                 if rank0:
@@ -301,8 +340,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             if bar:
                 bar.update(1)
             if eval_cfg is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
-                tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
+                last_eval, eval_step = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg), step
+                _report_eval(last_eval, step, cfg=cfg, tb=tb, rank0=rank0)
             if stop.requested(topo):
                 stopped_by = stop.signal or "peer"
                 where = os.path.join(checkpoint.root(cfg.output_dir), save(step))
@@ -318,12 +357,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     if stopped_by is None:
         if step > start_step or tag is None:  # a finished run started again has nothing new to save
             save(step)
-        if eval_cfg is not None:
+        if eval_cfg is not None and eval_step != step:  # not already evaluated at this step
             fault_pause("eval")
             last_eval = evaluate(adapter, _eval_batches(eval_cfg, cfg.eval.max_batches), cfg)
-            tb.scalars({f"eval/{k}": v for k, v in last_eval.items()}, step)
-            if rank0:
-                print("eval: " + " ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
+            # A finished run started again evaluates (and says) once more, but its record is there.
+            _report_eval(last_eval, step, cfg=cfg, tb=tb, rank0=rank0, record=step > start_step)
         if cfg.checkpoint.export_hf_at_end:
             from tailkd_dist.export import export_live
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import REPO, TEACHER, env, losses, run, write_config
+from trainer_utils import REPO, TEACHER, env, losses, run, step_records, write_config
 
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
@@ -37,8 +37,8 @@ def test_derive_then_distil_with_frozen_embeddings_and_hidden_term(data, tmp_pat
                      models__freeze_embeddings=True, loss__hidden_weight=1.0,
                      engine__ds_config=str(REPO / "ds_configs/zero3.json"))
     run(c)
-    rec = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert all(0 < r["loss/hidden_cos"] < 2 for r in rec), rec
+    rec = step_records(tmp_path / "run")
+    assert rec and all(0 < r["loss/hidden_cos"] < 2 for r in rec), rec
     extra = torch.load(tmp_path / "run/checkpoints/step_00000003/extra_rank0.pt", weights_only=False)
     assert len(extra["aux"]) == len(layer_map)  # one projection (48 <- 24 wide) per mapped layer
     final = load_file(tmp_path / "run/hf_student/model.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,6 +127,8 @@ def test_sigkill_a_rank_then_resume_is_exact(data, tmp_path):
     # The resumed run restores weights, optimizer, head shards, RNG and the loader position;
     # gloo reduces in a fixed order, so the re-run steps should be bitwise equal. 1e-6 leaves
     # room for BLAS thread scheduling, far below any real divergence.
+    # losses() also checks that metrics.jsonl holds each step once (the resumed run dropped the
+    # records of the steps after its checkpoint, and re-ran them)
     _close(losses(tmp_path / "killed"), ref, 1e-6, "resumed")
 
 
@@ -187,8 +190,15 @@ def test_tensorboard_tags_and_hf_export(data, tmp_path):
         assert values and all(math.isfinite(v) for v in values), tag
     assert [e.step for e in acc.Scalars("loss/total")] == [2, 3]
     # metrics.jsonl: every step's losses; the statistics of the logged steps only, never NaN
-    rec = {r["step"]: r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())}
-    assert sorted(rec) == [1, 2, 3]
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rec = {r["step"]: r for r in records if "loss/total" in r}
+    assert [r["step"] for r in records if "loss/total" in r] == [1, 2, 3]
+    # evaluations at step 2 (eval.every_steps) and at the end, once each, in records of their own
+    evals = [r for r in records if "eval/student_nll" in r]
+    assert [r["step"] for r in evals] == [2, 3], records
+    assert {t for t in wanted if t.startswith("eval/")} <= set(evals[0]), evals[0]
+    for step in (2, 3):
+        assert out.stdout.count(f"eval at step {step}: student_nll ") == 1, out.stdout[-3000:]
     assert all(math.isfinite(v) for r in rec.values() for v in r.values() if isinstance(v, float))
     assert {"loss/total", "loss/ce", "loss/tad", "optim/lr"} <= set(rec[1])
     assert not {"loss/kl", "tail/teacher_mass_aT_mean", "entropy/teacher", "agreement/top1"} & set(rec[1])
@@ -229,3 +239,38 @@ def test_world_size_not_divisible_by_loss_group(data, tmp_path):
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tailkd-train: error:") and "3" in last and "2" in last, last
+
+
+def test_evals_where_users_look_and_resume_records_each_step_once(data, tmp_path):
+    """CE-only training (no teacher): each evaluation on the console and in metrics.jsonl with
+    the student's numbers only (no 'teacher' numbers that would be the student's own); the last
+    step's evaluation runs once when it is also a periodic one; a run resumed from an earlier
+    checkpoint drops the records of the steps it runs again."""
+    kw = dict(optim__max_steps=4, eval__every_steps=2, eval__max_batches=2, checkpoint__every_steps=2,
+              checkpoint__export_hf_at_end=False, loss__divergence="none", models__teacher={},
+              engine__kind="fsdp2")
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", **kw)
+    out = run(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4], records
+    assert set(evals[0]) == {"step", "eval/student_nll", "eval/student_ppl", "eval/full_ece", "eval/tokens"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("eval at step")]
+    assert [ln.split(":")[0] for ln in lines] == ["eval at step 2", "eval at step 4"], out.stdout[-3000:]
+    assert "teacher" not in " ".join(lines)
+    # Resume from step 2 as if the run had stopped after step 4 without its checkpoint: the
+    # records of steps 3 and 4 go, and the re-run writes them once.
+    before = losses(tmp_path / "run")
+    ck = tmp_path / "run/checkpoints"
+    for d in ck.glob("step_00000004"):
+        shutil.rmtree(d)
+    (ck / "latest").write_text("step_00000002\n")
+    out = run(cfg)
+    assert "2 record(s) after step 2 dropped" in out.stderr or "3 record(s) after step 2 dropped" in out.stderr, \
+        out.stderr[-3000:]
+    after = losses(tmp_path / "run")  # asserts each step recorded once
+    assert sorted(after) == [1, 2, 3, 4]
+    _close(after, before, 1e-6, "resumed from step 2")
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+             if "eval/student_nll" in r]
+    assert evals == [2, 4], evals

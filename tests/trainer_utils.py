@@ -97,14 +97,19 @@ def run(config: Path, *, launcher="python", nproc=1, extra=(), timeout=300, chec
     return out
 
 
+def step_records(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's training-step records (evaluations have records of their own)."""
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss/total" in r]
+
+
 def losses(out_dir: Path) -> dict[int, float]:
-    """Per-step total loss from metrics.jsonl (the last record of a step wins: resumed runs
-    append the steps they re-run)."""
-    res = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        res[rec["step"]] = rec["loss/total"]
-    return res
+    """Per-step total loss from metrics.jsonl; a step recorded twice is an error (a resumed run
+    drops the records of the steps it runs again)."""
+    recs = step_records(out_dir)
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl records a step twice: {steps}"
+    return {r["step"]: r["loss/total"] for r in recs}
 
 
 def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
