@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -146,8 +147,16 @@ def test_preflight_host_ram_of_a_70b_teacher_directory_with_and_without_sharded_
     tdir = tmp_path / "teacher70b"
     cfg70 = dict(LLAMA_70B)
     AutoConfig.for_model(cfg70.pop("model_type"), **cfg70).save_pretrained(tdir)
+    # One shard of 30 as a real checkpoint has it (its index, a safetensors header whose tensor
+    # spans the file), sparse: the preflight reads the header and the size, no weights.
+    data_bytes = 5 * 2**30 - 8 - 256  # a 256-byte header (JSON padded with spaces)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [data_bytes // 2], "data_offsets": [0, data_bytes]}})
+    header = header.encode().ljust(256)
     with open(tdir / "model-00001-of-00030.safetensors", "wb") as f:
-        f.truncate(5 * 2**30)  # sparse: the preflight only reads the size
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(5 * 2**30)
+    (tdir / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w": "model-00001-of-00030.safetensors"}}))
     teacher = {"path": str(tdir), "tokenizer": str(data / "tokenizer")}
     reports = {}
     for zi in (True, False):

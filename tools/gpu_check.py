@@ -279,6 +279,7 @@ def training_section(table: Table, dev, *, data: Path, work: Path, steps: int, d
                       f"{_last_line(out)} (log {work / f'{engine}_train.log'})"))
             continue
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "loss/total" in r]  # training steps (evaluations have records of their own)
         steady = recs[2:] or recs  # the first steps compile kernels and fill caches
         mean = lambda k: sum(r.get(k, float("nan")) for r in steady) / len(steady)  # noqa: E731
         split = ", ".join(f"{k.removeprefix('time/').removesuffix('_s')} {mean(k):.3f}"
