@@ -14,21 +14,12 @@ import os
 import struct
 from pathlib import Path
 
+from tailkd_dist.staging import read_json
+
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLED, PICKLED_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header's size
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text: the file is damaged") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged") from None
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
 
 
 def check_safetensors(path: Path) -> None:
@@ -64,13 +55,13 @@ def check_model_dir(path: str | os.PathLike) -> None:
         raise ValueError(f"{d}: no such directory (models are never downloaded: point at a local checkpoint)")
     if not (d / CONFIG).is_file():
         raise ValueError(f"{d} has no {CONFIG}: not a Hugging Face model directory (save one with save_pretrained)")
-    config = _json(d / CONFIG)
+    config = read_json(d / CONFIG, fix="copy or save the model again")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ValueError(f"{d / CONFIG} names no model_type: not a Hugging Face model config")
     if (d / SAFETENSORS).is_file():
         check_safetensors(d / SAFETENSORS)
     elif (d / SAFETENSORS_INDEX).is_file():
-        index = _json(d / SAFETENSORS_INDEX)
+        index = read_json(d / SAFETENSORS_INDEX, fix="copy the model again")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{d / SAFETENSORS_INDEX} has no weight_map: the file is damaged")

@@ -539,7 +539,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     """
     import torch
 
-    from tailkd_dist.losses.fused import default_chunk_size
+    from tailkd_dist.losses.fused import group_chunk_size
     from tailkd_dist.models import plan_vocab, tokenizer_dir
     from tailkd_dist.parallel.topology import validate_degrees
 
@@ -708,8 +708,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         lay = _Layout(engine=cfg.engine.kind, stage=stage, offload_optimizer=off_opt, offload_param=off_param,
                       teacher_offload=t_off, world=world_size, loss_group=max(1, lg),
                       micro_batch=cfg.data.micro_batch_size, seq_len=seq_len or 2048,
-                      chunk=cfg.loss.chunk_size or default_chunk_size(
-                          accelerator=True, vocab_local=math.ceil(vocab / max(1, lg))),
+                      chunk=cfg.loss.chunk_size or group_chunk_size(accelerator=True, vocab=vocab, group_size=lg),
                       # the GPU's "auto" is compiled (rowpass.row_path): a gradient buffer more
                       loss_buffers=2 if cfg.loss.row_passes == "eager" else 3,
                       dtype_bytes=2 if dtype == "bf16" else 4,

@@ -10,11 +10,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+
+def read_json(path: str | os.PathLike, *, fix: str):
+    """A small JSON file (a manifest, an index, a model config); damage -> one ValueError naming
+    the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): the file is damaged; {fix}.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged; {fix}.") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error}): {fix}.") from None
 
 
 def _alive(pid: int) -> bool:

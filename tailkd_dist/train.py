@@ -25,7 +25,7 @@ from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
 from tailkd_dist.signals import StopSignals, fault_pause
 from tailkd_dist.staging import write_atomic
-from tailkd_dist.losses import default_chunk_size, rowpass
+from tailkd_dist.losses import group_chunk_size, rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
 
@@ -36,10 +36,10 @@ def chunk_reason(cfg: TrainConfig, *, device: torch.device, vocab: int) -> str:
     """What the fused loss's chunk size is and where it comes from (the run says it at start)."""
     if cfg.loss.chunk_size:
         return f"{cfg.loss.chunk_size} positions (loss.chunk_size)"
-    v_r = -(-vocab // cfg.loss.loss_group_size)
-    rows = default_chunk_size(accelerator=device.type != "cpu", vocab_local=v_r)
+    g = cfg.loss.loss_group_size
+    rows = group_chunk_size(accelerator=device.type != "cpu", vocab=vocab, group_size=g)
     return (f"{rows} positions (loss.chunk_size 0 = auto: derived for {device.type} and the "
-            f"vocabulary slice V/G = {v_r})")
+            f"vocabulary slice V/G = {-(-vocab // g)})")
 
 
 def _append_record(cfg: TrainConfig, record: dict) -> None:

@@ -28,7 +28,6 @@ number of ranks (streaming's elastic deterministic order).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -49,6 +48,7 @@ from tailkd_dist.data.streaming_compat import (
     get_hash,
 )
 from tailkd_dist.data.tokenizer import tokenizer_sha256 as hash_tokenizer_files
+from tailkd_dist.staging import read_json
 
 IGNORE_INDEX = -100
 
@@ -115,25 +115,13 @@ def read_manifest(
     if not path.is_file():
         raise ValueError(f"{path} does not exist: {local} was not written by tailkd-prepare-data, "
                          "or its preparation did not finish (manifest.json is written last).")
-    manifest = _read_json(path, "prepare the data again")
+    manifest = read_json(path, fix="prepare the data again")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
         raise ValueError(f"{path} describes format {found!r}, this loader reads "
                          f"{FORMAT!r}: prepare the data again with this version.")
     _check_manifest_fields(manifest, path)
     return manifest
-
-
-def _read_json(path: Path, fix: str) -> Any:
-    """A JSON file this package wrote; damage -> one ValueError naming the file and ``fix``."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): the file is damaged; {fix}.") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): {fix}.") from error
-    except OSError as error:
-        raise ValueError(f"{path} cannot be read ({error.strerror or error}): {fix}.") from error
 
 
 def _is_count(x: Any, *, positive: bool = False) -> bool:
@@ -169,7 +157,7 @@ def _check_manifest_fields(manifest: dict, path: Path) -> None:
 def read_index(index_path: Path, *, fix: str = "prepare the data again") -> list[dict]:
     """The shard list of a split's index.json (streaming's format), each with its ``raw_data``
     basename and byte size; damage -> one ValueError naming the file."""
-    index = _read_json(index_path, fix)
+    index = read_json(index_path, fix=fix)
     shards = index.get("shards") if isinstance(index, dict) else None
     ok = isinstance(shards, list) and all(
         isinstance(sh, dict) and isinstance(sh.get("raw_data"), dict)

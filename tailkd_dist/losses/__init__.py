@@ -6,9 +6,9 @@ Specification: ``docs/loss.md``.
 """
 from .common import DIVERGENCES, topk_lowest_index
 from .dense import cross_entropy, forward_kl, jsd, reverse_kl, tad_divergence, tad_terms
-from .fused import STAT_KEYS, default_chunk_size, fused_linear_distill
+from .fused import STAT_KEYS, default_chunk_size, fused_linear_distill, group_chunk_size
 
 __all__ = [
-    "DIVERGENCES", "STAT_KEYS", "cross_entropy", "default_chunk_size", "forward_kl", "fused_linear_distill", "jsd",
+    "DIVERGENCES", "STAT_KEYS", "cross_entropy", "default_chunk_size", "forward_kl", "fused_linear_distill", "group_chunk_size", "jsd",
     "reverse_kl", "tad_divergence", "tad_terms", "topk_lowest_index",
 ]

@@ -95,6 +95,12 @@ def default_chunk_size(*, accelerator: bool, vocab_local: int, elem_bytes: int =
     return max(64, min(_CHUNK_ROWS_MAX, 1 << (rows.bit_length() - 1)))
 
 
+def group_chunk_size(*, accelerator: bool, vocab: int, group_size: int) -> int:
+    """``default_chunk_size`` for a loss group over V: every rank derives it from the same
+    ceil(V / G) (the slices may be uneven, the chunk may not)."""
+    return default_chunk_size(accelerator=accelerator, vocab_local=-(-vocab // max(1, group_size)))
+
+
 # --------------------------------------------------------------------------- small helpers
 
 
@@ -777,8 +783,8 @@ def fused_linear_distill(
     opts = _Opts(
         divergence=divergence, k=k, beta=float(beta), tau=float(temperature),
         ce_weight=float(ce_weight), kd_weight=float(kd_weight), jsd_beta=float(jsd_beta),
-        chunk_size=chunk_size if chunk_size is not None else default_chunk_size(
-            accelerator=student_hidden.device.type != "cpu", vocab_local=-(-layout.vocab // len(layout.counts))),
+        chunk_size=chunk_size if chunk_size is not None else group_chunk_size(
+            accelerator=student_hidden.device.type != "cpu", vocab=layout.vocab, group_size=len(layout.counts)),
         ignore_index=ignore_index, stats=bool(stats),
         compiled=row_path(student_hidden.device, compiled).compiled,
     )
