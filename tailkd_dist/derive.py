@@ -4,7 +4,8 @@
     tailkd-derive-student TEACHER_DIR -o STUDENT_DIR --every 3 --intermediate-size 4096
     tailkd-derive-student TEACHER_DIR -o STUDENT_DIR --layers 0,2,4,7 --hidden-size 1024
 
-The student has the teacher's model_type (llama, qwen2, mistral, phi, phi3, gemma2), vocabulary,
+The student has the teacher's model_type (llama incl. Llama 3's rope scaling, qwen2 (Qwen2.5),
+qwen3, mistral, phi, phi3, gemma2, gemma3_text; see `docs/models.md`), vocabulary,
 tokenizer and tied-or-not embeddings, and fewer layers and optionally narrower widths. Its weights:
 
 - layers: student layer i is initialised from teacher layer `layer_map[i]` (ascending);
@@ -12,8 +13,8 @@ tokenizer and tied-or-not embeddings, and fewer layers and optionally narrower w
   tensors, copied when the widths are equal, else truncated per head (see `_attention_index`);
 - input embeddings and lm_head: copied, truncated to the student's hidden size (first columns);
   an lm_head bias (Phi) is copied whole;
-- norms (RMSNorm/LayerNorm weights and biases, Phi's per-head q/k layernorms): copied, truncated
-  to the first hidden_size (head_dim) entries;
+- norms (RMSNorm/LayerNorm weights and biases; the per-head q/k norms of Phi, Qwen3 and Gemma3):
+  copied, truncated to the first hidden_size (head_dim) entries;
 - MLPs: random (the HF initialisation of the student config, seeded by --seed), or copied from
   the teacher layer with --copy-mlp, which needs the same hidden and intermediate sizes.
 
@@ -29,7 +30,7 @@ teacher's, and none may exceed it. When the teacher's heads x head_dim equals it
 (Llama, Qwen2, Mistral, Phi, Phi-3 as released), the student's must too: --hidden-size alone
 keeps head_dim and uses hidden / head_dim heads; --num-heads alone gives head_dim =
 hidden / heads; giving both --num-heads and --head-dim, their product must be the hidden size.
-For a teacher whose attention width differs from its hidden size (Gemma2), heads and head_dim
+For a teacher whose attention width differs from its hidden size (Gemma2, Gemma3, Qwen3), heads and head_dim
 are free (default: the teacher's). KV heads default to keeping the teacher's group size
 (query heads per KV head) and must divide the query heads.
 
@@ -77,7 +78,13 @@ from tailkd_dist.staging import check_replaceable, staged_dir
 PROG = "tailkd-derive-student"
 DERIVATION = "tailkd_derivation.json"
 FORMAT = "tailkd-derivation/1"
-SUPPORTED = ("llama", "qwen2", "mistral", "phi", "phi3", "gemma2")
+# HF model_type of the teachers a student can be derived from (Qwen2.5 and Llama 3.x are
+# "qwen2" and "llama"; Gemma 3's text-only checkpoints are "gemma3_text").
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi", "phi3", "gemma2", "gemma3_text")
+# Families whose model_type names a wrapper around a supported text model: the one-line answer
+# says which config to pass instead.
+_WRAPPERS = {"gemma3": "the multimodal Gemma 3 (vision tower + text model); derive from a "
+                       "text-only Gemma 3 checkpoint (model_type gemma3_text, e.g. gemma-3-1b)"}
 
 # Files copied from the teacher directory when present: the tokenizer's, and the chat template.
 TOKENIZER_FILES = (*_TOKENIZER_FILES, "chat_template.jinja")
@@ -85,7 +92,8 @@ TOKENIZER_FILES = (*_TOKENIZER_FILES, "chat_template.jinja")
 # Attention projections, by the name of the module inside `self_attn`.
 _ATTN_IN = {"q_proj": ("q",), "k_proj": ("kv",), "v_proj": ("kv",), "qkv_proj": ("q", "kv", "kv")}
 _ATTN_OUT = ("o_proj", "dense")  # dense: Phi's output projection
-_HEAD_NORMS = ("q_layernorm", "k_layernorm")  # Phi (qk_layernorm=True): LayerNorm over head_dim
+# Per-head norms over head_dim: Phi's LayerNorms (qk_layernorm=True), Qwen3's and Gemma3's RMSNorms
+_HEAD_NORMS = ("q_layernorm", "k_layernorm", "q_norm", "k_norm")
 
 
 @dataclass(kw_only=True)
@@ -231,16 +239,39 @@ def _student_shape(config: DeriveConfig, t: _Shape, model_type: str, teacher_cfg
         raise ValueError(f"head_dim {head_dim} gives {rotary_dims} rotary dimensions (partial "
                          f"rotary factor {rotary}); RoPE needs an even number: choose another "
                          "head_dim.")
-    scaling = getattr(teacher_cfg, "rope_scaling", None) or {}
-    if head_dim != t.head_dim and any(isinstance(v, list) for v in scaling.values()):
-        raise ValueError(f"the teacher's rope_scaling has per-dimension factors ({model_type}, "
-                         f"{scaling.get('rope_type', scaling.get('type'))}) sized for head_dim "
-                         f"{t.head_dim}; keep head_dim (pass fewer --num-heads instead).")
+    per_dim = _per_dimension_rope(teacher_cfg)
+    if head_dim != t.head_dim and per_dim:
+        raise ValueError(f"the teacher's RoPE parameters have per-dimension factors ({model_type}, "
+                         f"{per_dim}) sized for head_dim {t.head_dim}; keep head_dim (pass fewer "
+                         "--num-heads instead).")
     if config.copy_mlp and (hidden, inter) != (t.hidden, t.intermediate):
         raise ValueError(f"--copy-mlp needs the teacher's hidden and intermediate sizes "
                          f"({t.hidden}, {t.intermediate}); the student has ({hidden}, {inter}). "
                          "Drop --copy-mlp to initialise the MLPs randomly.")
     return _Shape(0, hidden, inter, heads, kv, head_dim)
+
+
+def _per_dimension_rope(cfg) -> str | None:
+    """The rope_type whose parameters hold per-dimension lists (LongRoPE's factors), if any.
+
+    transformers 5 keeps them in `rope_parameters` (per layer type for Gemma3: a dict of dicts),
+    older versions in `rope_scaling`; both are read so that neither hides such a list.
+    """
+    def walk(params):
+        if isinstance(params, dict):
+            if any(isinstance(v, list) for v in params.values()):
+                return str(params.get("rope_type", params.get("type")))
+            for v in params.values():
+                found = walk(v)
+                if found:
+                    return found
+        return None
+
+    for attr in ("rope_parameters", "rope_scaling"):
+        found = walk(getattr(cfg, attr, None))
+        if found:
+            return found
+    return None
 
 
 def _student_config(teacher_cfg, t: _Shape, s: _Shape, layer_map: list[int], dtype):
@@ -255,10 +286,10 @@ def _student_config(teacher_cfg, t: _Shape, s: _Shape, layer_map: list[int], dty
     # (otherwise head_dim = hidden / heads, which the checks made equal to s.head_dim)
     if isinstance(d.get("layer_types"), list):  # sliding/full attention per layer (Gemma2, Qwen2)
         d["layer_types"] = [d["layer_types"][j] for j in layer_map]
-    if d.get("model_type") == "qwen2" and d.get("max_window_layers") is not None:
+    if isinstance(d.get("max_window_layers"), int):  # Qwen2, Qwen3
         # layers below max_window_layers use full attention: count the kept ones
         d["max_window_layers"] = sum(j < d["max_window_layers"] for j in layer_map)
-    if d.get("query_pre_attn_scalar") == t.head_dim:  # Gemma2: 1/sqrt(head_dim) scaling
+    if d.get("query_pre_attn_scalar") == t.head_dim:  # Gemma2/3: 1/sqrt(head_dim) scaling
         d["query_pre_attn_scalar"] = s.head_dim
     d["dtype"] = str(dtype).removeprefix("torch.")
     d.pop("torch_dtype", None)
@@ -376,7 +407,7 @@ def _load_teacher_config(teacher: Path):
             model_type = json.loads((teacher / "config.json").read_text()).get("model_type")
         except Exception:
             pass
-        if model_type is not None and model_type not in SUPPORTED:
+        if isinstance(model_type, str) and model_type not in SUPPORTED:
             raise ValueError(_unsupported(model_type)) from None
         raise ValueError(f"cannot read the teacher config {teacher / 'config.json'}: "
                          f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
@@ -390,6 +421,9 @@ def _load_teacher_config(teacher: Path):
 
 
 def _unsupported(model_type: str) -> str:
+    if model_type in _WRAPPERS:
+        return (f"teacher model_type {model_type!r} is {_WRAPPERS[model_type]}; {PROG} derives "
+                f"students from {', '.join(SUPPORTED)} teachers.")
     return (f"teacher model_type {model_type!r} is not supported: {PROG} derives students from "
             f"{', '.join(SUPPORTED)} teachers.")
 
@@ -554,8 +588,8 @@ def _print_summary(record: dict, out: Path, seconds: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Derive a student HF causal LM from a teacher directory (llama, qwen2, "
-        "mistral, phi, phi3, gemma2): a subset of its layers, optionally narrower; attention, "
+        description="Derive a student HF causal LM from a teacher directory "
+        f"({', '.join(SUPPORTED)}): a subset of its layers, optionally narrower; attention, "
         "embeddings, lm_head and norms initialised from the teacher (truncated where narrower), "
         f"MLPs random unless --copy-mlp. Writes config, weights, tokenizer and {DERIVATION}.")
     p.add_argument("teacher", help="HF teacher model directory")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, LlamaConfig,
-                          MistralConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig,
+                          LlamaConfig, MistralConfig, Phi3Config, PhiConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from tailkd_dist.derive import DERIVATION, TOKENIZER_FILES, every_nth_layers, main
 
@@ -38,6 +38,19 @@ CONFIGS = {
     "gemma2": lambda: Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=24,
                                    query_pre_attn_scalar=24, sliding_window=16,
                                    tie_word_embeddings=True),
+    # Llama 3.1's rope scaling (scalars, so head_dim may shrink)
+    "llama3": lambda: LlamaConfig(**COMMON, num_key_value_heads=2, tie_word_embeddings=False,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 16}),
+    # per-head q/k RMSNorms; attention width 4 x 24 != hidden 64 (as Qwen3-0.6B: 16 x 128 != 1024)
+    "qwen3": lambda: Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=24,
+                                 tie_word_embeddings=True),
+    # Gemma3's text model: q/k norms, four norms per layer, local/global layers with their own
+    # RoPE bases
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **COMMON, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=True),
 }
 # Narrower students: hidden 32, FFN 64, teacher layers 1 and 2 (and head_dim 8 for Llama).
 NARROW = {
@@ -47,6 +60,9 @@ NARROW = {
     "phi": ["--hidden-size", "32"],
     "phi3": ["--hidden-size", "32"],
     "gemma2": ["--hidden-size", "32", "--num-heads", "2", "--head-dim", "16"],
+    "llama3": ["--hidden-size", "32", "--num-heads", "4"],  # head_dim 16 -> 8 under llama3 RoPE
+    "qwen3": ["--hidden-size", "32", "--num-heads", "2", "--head-dim", "16"],
+    "gemma3_text": ["--hidden-size", "32", "--num-heads", "2", "--head-dim", "16"],
 }
 
 
@@ -113,7 +129,7 @@ def _expected(name: str, teacher_sd: dict, tcfg, scfg, layer_map: list[int]):
     if leaf in ("o_proj.weight", "dense.weight"):
         return source, w[:d][:, heads(h)]
     if leaf in ("q_layernorm.weight", "q_layernorm.bias", "k_layernorm.weight",
-                "k_layernorm.bias"):
+                "k_layernorm.bias", "q_norm.weight", "k_norm.weight"):
         return source, w[:sd]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return source, w[:, :d]
@@ -132,6 +148,8 @@ def _check_student(teacher: Path, out: Path, record: dict, *, copy_mlp: bool = F
     assert record["tie_word_embeddings"] == tcfg.tie_word_embeddings == scfg.tie_word_embeddings
     assert record["teacher"]["model_type"] == tcfg.model_type
     assert len(record["teacher"]["config_sha256"]) == 64
+    # the teacher's positional encoding, kept (Llama 3's scaling, Gemma3's two RoPE bases)
+    assert scfg.rope_parameters == tcfg.rope_parameters and scfg.rope_parameters
     if getattr(tcfg, "layer_types", None) is not None:
         assert scfg.layer_types == [tcfg.layer_types[j] for j in layer_map]
     tsd, ssd = tmodel.state_dict(), smodel.state_dict()
@@ -271,6 +289,8 @@ def other_teachers(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("other")
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB).save_pretrained(root / "gpt2")
+    (root / "gemma3").mkdir()
+    (root / "gemma3" / "config.json").write_text('{"model_type": "gemma3"}')
     (root / "unknown").mkdir()
     (root / "unknown" / "config.json").write_text('{"model_type": "frobnicator"}')
     Phi3Config(**COMMON, rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
@@ -291,8 +311,10 @@ BAD = [
     ("missing-dir", "nope", [], "teacher directory .*nope does not exist"),
     ("no-config", "@noconfig", [], "has no config.json"),
     ("weights-cut", "@cut", [], r"cut/model\.safetensors is truncated: \d+ bytes, its header describes \d+"),
-    ("gpt2", "@gpt2", [], "model_type 'gpt2' is not supported: .*llama, qwen2, mistral, phi, "
-     "phi3, gemma2"),
+    ("gpt2", "@gpt2", [], "model_type 'gpt2' is not supported: .*llama, qwen2, qwen3, mistral, "
+     "phi, phi3, gemma2, gemma3_text"),
+    ("gemma3-multimodal", "@gemma3", [], "model_type 'gemma3' is the multimodal Gemma 3 .*"
+     "text-only Gemma 3 checkpoint \\(model_type gemma3_text"),
     ("unknown-type", "@unknown", [], "model_type 'frobnicator' is not supported"),
     ("layer-range", "llama", ["--layers", "0,4"], "layer index 4 is out of range: the teacher "
      r"has 4 layers \(0..3\)"),
