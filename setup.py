@@ -36,6 +36,7 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.64",
         "pyyaml>=6",
+        "pydantic>=2.7,<3",
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8"]},

@@ -13,19 +13,25 @@ else an even spread (student layer i <- teacher layer round((i+1) L_t / L_s) - 1
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
+from tailkd_dist.staging import read_json
+
 DERIVATION_FILE = "tailkd_derivation.json"
 
 
 def default_layer_map(*, student_layers: int, teacher_layers: int, student_path: str | None) -> list[int]:
-    if student_path and os.path.isfile(os.path.join(student_path, DERIVATION_FILE)):
-        with open(os.path.join(student_path, DERIVATION_FILE)) as f:
-            layer_map = json.load(f)["layer_map"]
+    record = os.path.join(student_path, DERIVATION_FILE) if student_path else None
+    if record and os.path.isfile(record):
+        fix = "derive the student again, or give loss.hidden_layer_map"
+        layer_map = read_json(record, fix=fix)
+        layer_map = layer_map.get("layer_map") if isinstance(layer_map, dict) else None
+        if not isinstance(layer_map, list) or not all(isinstance(j, int) and not isinstance(j, bool)
+                                                      for j in layer_map):
+            raise ValueError(f"{record} holds no layer_map (a list of teacher layers): {fix}")
         if len(layer_map) != student_layers:
             raise ValueError(f"{student_path}/{DERIVATION_FILE} maps {len(layer_map)} layers but the student has "
                              f"{student_layers}: the file belongs to another student")

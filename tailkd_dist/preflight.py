@@ -518,6 +518,46 @@ def _offload(zero: dict, key: str) -> bool:
     return str(dev).lower() in ("cpu", "nvme")
 
 
+# Attention kernels that exist only on CUDA, and the package each one imports.
+_CUDA_ATTENTION = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+# What a scheduler writes into CUDA_VISIBLE_DEVICES when it gives a job no GPU.
+_NO_GPU = ("", "-1", "NoDevFiles")
+
+
+def device_problems(cfg, *, environ=None, cuda_available: bool | None = None) -> list[str]:
+    """What the job or the config asks of this node's devices that it does not have.
+
+    Run where the training runs (not by tailkd-preflight, which may run on a login node): a GPU
+    job on a node where torch sees no GPU would otherwise train on the CPU, silently and a
+    thousand times slower, or fail deep inside a kernel after the models are loaded.
+    """
+    import importlib.util
+
+    import torch
+
+    environ = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    problems = []
+    if not cuda:
+        build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else f"torch {torch.__version__} is a CPU-only build")
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and visible.strip() not in _NO_GPU:
+            problems.append(f"CUDA_VISIBLE_DEVICES={visible} gives this job GPUs but torch sees none ({build}; "
+                            "check nvidia-smi and the driver): install torch for this node's CUDA, or unset "
+                            "CUDA_VISIBLE_DEVICES to train on the CPU")
+        elif environ.get("DS_ACCELERATOR", "").lower() == "cuda":
+            problems.append(f"DS_ACCELERATOR=cuda asks DeepSpeed for a GPU but torch sees none ({build}): run on a "
+                            "GPU node, or set DS_ACCELERATOR=cpu")
+        if cfg.models.attention in _CUDA_ATTENTION:
+            problems.append(f"models.attention = {cfg.models.attention} runs only on CUDA GPUs and torch sees none "
+                            "here: use models.attention=sdpa")
+    elif cfg.models.attention in _CUDA_ATTENTION and importlib.util.find_spec(_CUDA_ATTENTION[cfg.models.attention]) is None:
+        problems.append(f"models.attention = {cfg.models.attention} needs the {_CUDA_ATTENTION[cfg.models.attention]} "
+                        "package, which is not installed: install it, or use models.attention=sdpa")
+    return problems
+
+
 def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                   local_world_size: int | None = None, device: str | None = None,
                   device_memory_gib: float | None = None, host_memory_gib: float | None = None,
@@ -602,6 +642,15 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     for role, s in stats.items():
         r.info.append(f"{role}: {_count(s.total_params)} parameters ({s.layers} layers, hidden {s.hidden}, "
                       f"lm_head {s.head_rows} x {s.hidden})")
+    if cfg.loss.hidden_weight > 0 and {"teacher", "student"} <= set(stats):
+        from tailkd_dist.hidden import check_layer_map, default_layer_map
+
+        try:  # the map the engine will use (given, recorded by the derivation, or spread)
+            layers = dict(student_layers=stats["student"].layers, teacher_layers=stats["teacher"].layers)
+            check_layer_map(cfg.loss.hidden_layer_map or default_layer_map(
+                **layers, student_path=cfg.models.student.path), **layers)
+        except ValueError as e:
+            r.problems.append(str(e))
     if vocab is not None:
         if cfg.loss.k >= vocab:
             r.problems.append(f"loss.k = {cfg.loss.k} must be smaller than the vocabulary ({vocab})")

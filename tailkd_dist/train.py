@@ -165,11 +165,14 @@ def _eval_batches(eval_cfg, n: int):
 
 def preflight(cfg: TrainConfig) -> None:
     """The cheap checks of tools/preflight.py before anything heavy (every rank runs them, so
-    every rank fails alike): layout, vocabularies and tokenizers from the configs, the shards'
-    manifest, and the per-rank memory estimate."""
+    every rank fails alike): the devices the job asks for, layout, vocabularies and tokenizers
+    from the configs, the shards' manifest, and the per-rank memory estimate."""
     from tailkd_dist.parallel.topology import DistEnv as _Env
-    from tailkd_dist.preflight import run_preflight
+    from tailkd_dist.preflight import device_problems, run_preflight
 
+    problems = device_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     checkpoint.check_output_dir(cfg)
     if cfg.checkpoint.export_hf_at_end:
         from tailkd_dist.export import EXPORT_MARKER, check_export_target

@@ -1,10 +1,10 @@
-"""Every config field answered with one ValueError naming its dotted key, for each bad kind of
+"""Every config field answered with one line naming its dotted key, for each bad kind of
 value it can be given; YAML errors name the file or override, the line and the column.
 
 The table has a row for every leaf field of TrainConfig (a new field without a row fails
-``test_every_field_has_a_row``). Checked in-process through ``load_config`` (what
-tailkd-train, tailkd-preflight and the demo call); the CLI's one-line, rc-2 answer to a
-ValueError is checked by the trainer tests (tests/test_train_deepspeed.py, BAD).
+``test_every_field_has_a_row``). Each (field, bad value) case goes through tailkd-train's entry
+point: rc 2, one stderr line naming the key, no traceback, nothing written. The rules
+themselves live in the config's field types (pydantic validates them).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ TABLE: dict[str, list] = {
     "loss.kd_weight": [-1] + NON_FINITE, "loss.jsd_beta": [0, 1, 1.5] + NON_FINITE,
     "loss.beta_scope": ["batch"], "loss.loss_group_size": [-1], "loss.chunk_size": [-1, -1024],
     "loss.row_passes": ["triton", "", True],
-    "loss.hidden_weight": [-1.0] + NON_FINITE, "loss.hidden_layer_map": None,
+    "loss.hidden_weight": [-1.0] + NON_FINITE, "loss.hidden_layer_map": [[0, -2], [0, "x"], [1.5], "0,1", 3, [True]],
     "optim.lr": [0, -1e-4] + NON_FINITE, "optim.weight_decay": [-0.1] + NON_FINITE,
     "optim.betas": [[0.9], [0.9, 1.0], [-0.1, 0.9], [0.9, "inf"], 0.9],
     "optim.eps": [0, -1e-8] + NON_FINITE, "optim.warmup_steps": [-1], "optim.max_steps": [0],
@@ -62,6 +62,8 @@ def _leaves(cls=TrainConfig, prefix=""):
 
 
 def _kind(tp) -> str | None:
+    if typing.get_origin(tp) is typing.Literal:  # a mode: a name out of a list
+        return "str"
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     return {int: "int", float: "float", bool: "bool", str: "str"}.get(args[0])
 
@@ -110,8 +112,12 @@ def test_the_base_config_is_valid(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", _cases())
-def test_bad_value_names_its_key(tmp_path, key, value):
+def test_bad_value_names_its_key(tmp_path, capsys, key, value):
+    """Through tailkd-train's entry point (in this process: 300 launches would take minutes):
+    rc 2, one line on stderr naming the key, no traceback, no output directory."""
     import yaml
+
+    from tailkd_dist.train import main
 
     special = {"@FILE": tmp_path / "a_file", "@MISSING": tmp_path / "absent", "@EMPTYDIR": tmp_path / "empty"}
     (tmp_path / "a_file").write_text("not a directory")
@@ -122,11 +128,10 @@ def test_bad_value_names_its_key(tmp_path, key, value):
     _set(raw, key, value)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError) as info:
-        load_config(path)
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert f"'{key}'" in msg, msg
+    rc = main([str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("tailkd-train: error: ") and err.count("\n") == 1, err
+    assert f"'{key}'" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
 
 
@@ -219,7 +224,7 @@ def test_overrides_may_follow_the_options(tmp_path, capsys, tool):
     extra = ["--world-size", "1"] if tool == "preflight" else []
     rc = main([str(path), "--engine", "fsdp2", *extra, "loss.beta=0"])
     err = capsys.readouterr().err
-    assert rc == 2 and "'loss.beta' = 0.0 must be > 0" in err and "unrecognized" not in err, err
+    assert rc == 2 and "'loss.beta' = 0 must be > 0" in err and "unrecognized" not in err, err
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,4 +327,71 @@ def test_damaged_weights_stop_the_trainer_before_loading(data, saved_student, tm
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert f"{model / 'model.safetensors'} is truncated" in lines[0], lines
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layer_map,record,fragment", [
+    ([0], None, "'loss.hidden_layer_map' has 1 entries; the student has 2 layers"),
+    ([0, 2], None, "teacher layer 2 does not exist (the teacher has 2"),
+    (None, "{bad", "tailkd_derivation.json is not valid JSON"),
+    (None, '{"layer_map": "0,1"}', "tailkd_derivation.json holds no layer_map"),
+    (None, '{"layer_map": [0, 1, 1]}', "maps 3 layers but the student has 2"),
+])
+def test_hidden_layer_map_checked_at_start(data, saved_student, tmp_path, capsys, layer_map, record, fragment):
+    """The hidden-state term's layer map, given or recorded by the derivation, fits both models:
+    checked by the preflight (it was found only once the models were built)."""
+    import shutil
+
+    from tailkd_dist.preflight import main
+    from trainer_utils import write_config
+
+    model = tmp_path / "student"
+    shutil.copytree(saved_student, model)
+    if record is not None:
+        (model / "tailkd_derivation.json").write_text(record)
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", engine__kind="fsdp2", loss__hidden_weight=1.0,
+                       loss__hidden_layer_map=layer_map,
+                       models__student={"path": str(model), "tokenizer": str(data / "tokenizer")})
+    rc = main([str(cfg), "--world-size", "1"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-preflight: error:")]
+    assert rc == 2 and len(lines) == 1 and fragment in lines[0], err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("environ,attention,fragment", [
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, "sdpa", "CUDA_VISIBLE_DEVICES=0,1 gives this job GPUs but torch sees none"),
+    ({"DS_ACCELERATOR": "cuda"}, "sdpa", "DS_ACCELERATOR=cuda asks DeepSpeed for a GPU but torch sees none"),
+    ({}, "flash_attention_2", "models.attention = flash_attention_2 runs only on CUDA GPUs"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, "sdpa", None),  # the scheduler gave no GPU: a CPU run, fine
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles", "DS_ACCELERATOR": "cpu"}, "sdpa", None),
+])
+def test_device_the_job_asks_for_and_this_node_lacks(tmp_path, environ, attention, fragment):
+    import yaml
+
+    from tailkd_dist.preflight import device_problems
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**_base(tmp_path), "models": {**_base(tmp_path)["models"], "attention": attention}}))
+    problems = device_problems(load_config(path), environ=environ, cuda_available=False)
+    assert problems == [] if fragment is None else (len(problems) == 1 and fragment in problems[0]), problems
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a node where torch sees no GPU")
+def test_a_gpu_job_on_a_node_without_one_stops_at_start(tmp_path):
+    """Through the CLI on this CPU machine, told it has GPUs: one line, rc 2, nothing written
+    (it trained on the CPU, silently)."""
+    import subprocess
+
+    import yaml
+
+    from trainer_utils import REPO, command, env
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_base(tmp_path)))
+    out = subprocess.run(command(path), env={**env(), "CUDA_VISIBLE_DEVICES": "0"}, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert out.returncode == 2 and len(lines) == 1 and "CUDA_VISIBLE_DEVICES=0 gives this job GPUs" in lines[0], \
+        out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
