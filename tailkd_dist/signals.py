@@ -94,11 +94,15 @@ _paused: set[str] = set()
 def fault_pause(phase: str) -> None:
     """Fault injection for the signal tests: ``TAILKD_TEST_PAUSE=<phase>[:seconds]`` makes the
     run say ``tailkd-test: pause <phase>`` on stderr and sleep there once (default 60 s), so a
-    test can send a real signal while the run is in that phase."""
+    test can send a real signal while the run is in that phase, or look at the process; the
+    pause ends early once the file named by ``TAILKD_TEST_RELEASE`` exists."""
     name, _, seconds = os.environ.get("TAILKD_TEST_PAUSE", "").partition(":")
     if name != phase or phase in _paused:
         return
     _paused.add(phase)
     sys.stderr.write(f"tailkd-test: pause {phase}\n")
     sys.stderr.flush()
-    time.sleep(float(seconds or 60))
+    deadline = time.monotonic() + float(seconds or 60)
+    release = os.environ.get("TAILKD_TEST_RELEASE")
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
+        time.sleep(0.1)

@@ -14,12 +14,24 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+def _snapshot(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    """Shards of the python-stdlib slice from the real prepare tool, made once per module."""
+    """Shards of the python-stdlib slice from the real prepare tool, made once per test run
+    (13 s each time). Tests read it only (one that damages data works on a copy); the teardown
+    checks that no file was changed, added or removed."""
     from trainer_utils import prepare_data
 
-    return prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
+    out = prepare_data(tmp_path_factory.mktemp("data") / "stdlib")
+    before = _snapshot(out)
+    yield out
+    assert _snapshot(out) == before, "a test changed the shared prepared data: work on a copy"
 
 
 @pytest.fixture

@@ -57,8 +57,9 @@ def test_single_process_run_listens_on_no_outside_address(data, tmp_path, engine
                        checkpoint__export_hf_at_end=False)
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
-        proc = subprocess.Popen(command(cfg), env={**env(), "TAILKD_TEST_PAUSE": "loop:15"}, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=f)
+        proc = subprocess.Popen(command(cfg), env={**env(), "TAILKD_TEST_PAUSE": "loop:60",
+                                                   "TAILKD_TEST_RELEASE": str(tmp_path / "release")},
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=f)
     try:
         deadline = time.monotonic() + 180
         while "tailkd-test: pause loop" not in err.read_text():
@@ -68,6 +69,7 @@ def test_single_process_run_listens_on_no_outside_address(data, tmp_path, engine
         sockets = _listening(proc.pid)
         outside = [s for s in sockets if not _loopback(s[0])]
         assert outside == [], f"listening beyond loopback: {outside} (all: {sockets})"
+        (tmp_path / "release").touch()  # the run goes on at once
         assert proc.wait(timeout=180) == 0, err.read_text()[-3000:]
     finally:
         if proc.poll() is None:

@@ -44,6 +44,19 @@ def export(run_dir, out_dir, *extra, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd or REPO, capture_output=True, text=True, timeout=300)
 
 
+def export_here(capsys, monkeypatch, run_dir, out_dir, *extra, cwd=None) -> subprocess.CompletedProcess:
+    """tailkd-export-hf's entry point in this process (a launch costs seconds of imports; the
+    console script itself is run by `export`): the same exit status and stderr."""
+    from tailkd_dist.export import main
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.chdir(cwd or REPO)
+        rc = main([str(run_dir), str(out_dir), *extra])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["tailkd-export-hf"], rc, out, err)
+
+
 @pytest.fixture(scope="module")
 def base_run(data, tmp_path_factory):
     """A finished run: checkpoints at steps 2 and 4 (latest 4), metrics, TensorBoard, hf_student."""
@@ -68,7 +81,7 @@ def run_copy(base_run, tmp_path):
 # --------------------------------------------------------------------------- 1. export
 
 
-def test_export_replaces_only_its_own_output(run_copy, tmp_path):
+def test_export_replaces_only_its_own_output(run_copy, tmp_path, capsys, monkeypatch):
     run_dir, _ = run_copy
     before = snapshot(run_dir)
     foreign = tmp_path / "mine"
@@ -83,11 +96,12 @@ def test_export_replaces_only_its_own_output(run_copy, tmp_path):
         "an unrelated directory": (foreign, "not an output of"),
         "a file": (tmp_path / "afile", "not a directory"),
     }
-    for what, (out, needle) in cases.items():
-        res = export(run_dir, out)
+    for i, (what, (out, needle)) in enumerate(cases.items()):
+        res = export(run_dir, out) if i == 0 else export_here(capsys, monkeypatch, run_dir, out)
         one_error_line(res, "tailkd-export-hf", needle)
     # relative spellings of the run directory are the same directory
-    one_error_line(export("run", ".", cwd=tmp_path), "tailkd-export-hf", "contains the run directory")
+    one_error_line(export_here(capsys, monkeypatch, "run", ".", cwd=tmp_path), "tailkd-export-hf",
+                   "contains the run directory")
     assert snapshot(run_dir) == before
     assert (foreign / "notes.txt").read_text() == "a user's file" and (tmp_path / "afile").read_text() == "x"
     assert not (run_dir / "exports").exists()
@@ -98,7 +112,7 @@ def test_export_replaces_only_its_own_output(run_copy, tmp_path):
     assert marker["tag"] == "step_00000004" and marker["step"] == 4
     first = snapshot(out)
     assert "model.safetensors" in first
-    res = export(run_dir, out, "--tag", "step_00000002")  # an earlier export is replaced
+    res = export_here(capsys, monkeypatch, run_dir, out, "--tag", "step_00000002")  # an earlier export is replaced
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((out / "tailkd_export.json").read_text())["tag"] == "step_00000002"
     assert snapshot(out)["model.safetensors"] != first["model.safetensors"]
@@ -248,12 +262,27 @@ REFUSED = {
 }
 
 
-def test_resume_refuses_another_configuration(run_copy):
+def test_resume_refuses_another_configuration(run_copy, monkeypatch):
+    """The first case through tailkd-train (rc 2, one line); the others through the trainer's
+    own resume decision in this process (find_resume, what every rank runs before building
+    anything), with the same line."""
+    from types import SimpleNamespace
+
+    from tailkd_dist.config import load_config
+    from tailkd_dist.train import find_resume
+
     run_dir, cfg = run_copy
     before = snapshot(run_dir)
-    for name, (overrides, needle) in REFUSED.items():
-        out = run(cfg, check=False, timeout=120, extra=[*overrides, "optim.max_steps=6"])
-        line = one_error_line(out, "tailkd-train", "step_00000004", needle, "start a new run")
+    monkeypatch.chdir(REPO)  # where `run` launches the trainer: relative paths read alike
+    for i, (name, (overrides, needle)) in enumerate(REFUSED.items()):
+        if i == 0:
+            out = run(cfg, check=False, timeout=120, extra=[*overrides, "optim.max_steps=6"])
+            line = one_error_line(out, "tailkd-train", "step_00000004", needle, "start a new run")
+        else:
+            with pytest.raises(ValueError) as info:
+                find_resume(load_config(cfg, [*overrides, "optim.max_steps=6"]), SimpleNamespace(rank=0, world_size=1))
+            line = str(info.value)
+            assert "\n" not in line and all(n in line for n in ("step_00000004", needle, "start a new run")), line
         assert "optim.max_steps" not in line.split("(keys that may change")[0], (name, line)
     assert snapshot(run_dir) == before
 
