@@ -426,6 +426,14 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
 
 
+def check_k_fits(cfg: TrainConfig, vocab: int) -> None:
+    """loss.k against the vocabulary the loss uses, known once the models' configs are read (the
+    preflight, from the config files; the trainer, from the loaded models)."""
+    if cfg.loss.k >= vocab:
+        raise ValueError(f"config key 'loss.k' = {cfg.loss.k} must be smaller than the vocabulary ({vocab}): "
+                         "with k >= V the tail is empty")
+
+
 def resolve_loss_group(cfg: TrainConfig, world_size: int) -> int:
     """loss.loss_group_size with "auto" (0) resolved for this world size; written back."""
     if cfg.loss.loss_group_size == 0:

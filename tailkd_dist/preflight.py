@@ -652,8 +652,12 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         except ValueError as e:
             r.problems.append(str(e))
     if vocab is not None:
-        if cfg.loss.k >= vocab:
-            r.problems.append(f"loss.k = {cfg.loss.k} must be smaller than the vocabulary ({vocab})")
+        from tailkd_dist.config import check_k_fits
+
+        try:
+            check_k_fits(cfg, vocab)
+        except ValueError as e:
+            r.problems.append(str(e))
         if vocab < lg:
             r.problems.append(f"the vocabulary ({vocab} rows) cannot be split over loss.loss_group_size = {lg} ranks")
 

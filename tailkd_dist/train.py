@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tailkd_dist import checkpoint
-from tailkd_dist.config import TrainConfig, load_config, resolve_loss_group
+from tailkd_dist.config import TrainConfig, check_k_fits, load_config, resolve_loss_group
 from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
@@ -252,8 +252,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                       teacher_spec=cfg.models.teacher if has_teacher else cfg.models.student,
                       student_spec=cfg.models.student)
     tok = tokenizer_dir(cfg.models.student) or tokenizer_dir(cfg.models.teacher)
-    if cfg.loss.k >= plan.vocab:
-        raise ValueError(f"config key 'loss.k' = {cfg.loss.k} must be smaller than the vocabulary ({plan.vocab})")
+    check_k_fits(cfg, plan.vocab)
     train_loader, eval_cfg = make_loaders(cfg, tok_dir=tok, vocab=plan.vocab)
 
     adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)

@@ -200,7 +200,7 @@ def test_preflight_flags_vocabulary_and_tokenizer_mismatches(data, tmp_path):
         "shards": (dict(models__teacher={"config": TEACHER, "tokenizer": str(other)},
                         models__student={"config": STUDENT, "tokenizer": str(other)}),
                    "shards:", "tokenised with"),
-        "k": (dict(loss__k=600), "loss.k", "smaller than the vocabulary"),
+        "k": (dict(loss__k=600), "config key 'loss.k' = 600", "smaller than the vocabulary"),
     }
     for name, (kw, prefix, needle) in cases.items():
         rep = _preflight(write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **kw), 1)
