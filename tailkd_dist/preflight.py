@@ -520,8 +520,9 @@ def _offload(zero: dict, key: str) -> bool:
 
 # Attention kernels that exist only on CUDA, and the package each one imports.
 _CUDA_ATTENTION = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
-# What a scheduler writes into CUDA_VISIBLE_DEVICES when it gives a job no GPU.
-_NO_GPU = ("", "-1", "NoDevFiles")
+# Where SLURM says which GPUs it gave the job (CUDA_VISIBLE_DEVICES says nothing: the
+# `deepspeed` launcher sets it on CPU-only nodes too).
+_SLURM_GPUS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
 
 
 def device_problems(cfg, *, environ=None, cuda_available: bool | None = None) -> list[str]:
@@ -541,11 +542,13 @@ def device_problems(cfg, *, environ=None, cuda_available: bool | None = None) ->
     if not cuda:
         build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
                  else f"torch {torch.__version__} is a CPU-only build")
-        visible = environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and visible.strip() not in _NO_GPU:
-            problems.append(f"CUDA_VISIBLE_DEVICES={visible} gives this job GPUs but torch sees none ({build}; "
-                            "check nvidia-smi and the driver): install torch for this node's CUDA, or unset "
-                            "CUDA_VISIBLE_DEVICES to train on the CPU")
+        # GPU index lists ("0" is a GPU), and a count ("0" is none)
+        given = [(k, environ[k]) for k in _SLURM_GPUS
+                 if environ.get(k, "").strip() not in (("", "0") if k == "SLURM_GPUS_ON_NODE" else ("",))]
+        if given:
+            problems.append(f"SLURM gave this job GPUs ({given[0][0]}={given[0][1]}) but torch sees none ({build}; "
+                            "check nvidia-smi and the driver): install torch for this node's CUDA, or submit "
+                            "the job without GPUs to train on the CPU")
         elif environ.get("DS_ACCELERATOR", "").lower() == "cuda":
             problems.append(f"DS_ACCELERATOR=cuda asks DeepSpeed for a GPU but torch sees none ({build}): run on a "
                             "GPU node, or set DS_ACCELERATOR=cpu")

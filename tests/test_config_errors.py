@@ -360,11 +360,13 @@ def test_hidden_layer_map_checked_at_start(data, saved_student, tmp_path, capsys
 
 
 @pytest.mark.parametrize("environ,attention,fragment", [
-    ({"CUDA_VISIBLE_DEVICES": "0,1"}, "sdpa", "CUDA_VISIBLE_DEVICES=0,1 gives this job GPUs but torch sees none"),
+    ({"SLURM_JOB_GPUS": "0,1"}, "sdpa", "SLURM gave this job GPUs (SLURM_JOB_GPUS=0,1) but torch sees none"),
+    ({"SLURM_GPUS_ON_NODE": "4"}, "sdpa", "SLURM gave this job GPUs (SLURM_GPUS_ON_NODE=4)"),
     ({"DS_ACCELERATOR": "cuda"}, "sdpa", "DS_ACCELERATOR=cuda asks DeepSpeed for a GPU but torch sees none"),
     ({}, "flash_attention_2", "models.attention = flash_attention_2 runs only on CUDA GPUs"),
-    ({"CUDA_VISIBLE_DEVICES": ""}, "sdpa", None),  # the scheduler gave no GPU: a CPU run, fine
-    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles", "DS_ACCELERATOR": "cpu"}, "sdpa", None),
+    ({"SLURM_GPUS_ON_NODE": "0", "SLURM_JOB_GPUS": ""}, "sdpa", None),  # no GPU given: a CPU run, fine
+    # the deepspeed launcher sets CUDA_VISIBLE_DEVICES on CPU nodes too: no GPU asked for
+    ({"CUDA_VISIBLE_DEVICES": "0,1", "DS_ACCELERATOR": "cpu"}, "sdpa", None),
 ])
 def test_device_the_job_asks_for_and_this_node_lacks(tmp_path, environ, attention, fragment):
     import yaml
@@ -389,9 +391,9 @@ def test_a_gpu_job_on_a_node_without_one_stops_at_start(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_base(tmp_path)))
-    out = subprocess.run(command(path), env={**env(), "CUDA_VISIBLE_DEVICES": "0"}, cwd=REPO, capture_output=True,
+    out = subprocess.run(command(path), env={**env(), "SLURM_STEP_GPUS": "0"}, cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-train: error:")]
-    assert out.returncode == 2 and len(lines) == 1 and "CUDA_VISIBLE_DEVICES=0 gives this job GPUs" in lines[0], \
+    assert out.returncode == 2 and len(lines) == 1 and "SLURM gave this job GPUs (SLURM_STEP_GPUS=0)" in lines[0], \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()

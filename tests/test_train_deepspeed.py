@@ -13,7 +13,7 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, command, env, kill_one_worker, losses, run, wait_for_step, write_config,
+    REPO, STUDENT, TEACHER, command, env, grad_norms, kill_one_worker, losses, run, wait_for_step, write_config,
 )
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
@@ -60,6 +60,7 @@ def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
                            engine__ds_config=str(REPO / "ds_configs" / ds), checkpoint__export_hf_at_end=False)
         run(cfg, launcher=launcher, nproc=2)
         _close(losses(tmp_path / name), ref, REL, name)
+        _close(grad_norms(tmp_path / name), grad_norms(tmp_path / "single"), REL, f"{name} gradient norms")
 
 
 def test_model_directories_load_into_zero3_partitions(data, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, cleanup_shm, command, env, free_port, kill_one_worker, losses, run,
+    REPO, STUDENT, TEACHER, cleanup_shm, command, env, free_port, grad_norms, kill_one_worker, losses, run,
     wait_for_step,
 )
 from trainer_utils import write_config as _write_config
@@ -87,6 +87,7 @@ def test_losses_match_single_process_and_zero3(data, single, ref, tmp_path):
     expected = losses(single)
     assert len(expected) == 4 and expected[1] > 0
     _close(losses(ref), expected, REL, "fsdp2 over 2 ranks vs one process")
+    _close(grad_norms(ref), grad_norms(single), REL, "fsdp2 gradient norms vs one process")
     # FSDP2 as HSDP (replicate over "dp" = 2, shard over "loss" = 1: the head gradient is a
     # Partial sum over the replicas) with activation checkpointing, vs DeepSpeed ZeRO-3 with
     # a vocab-parallel loss over 2 ranks; both with a tied student, which the engines untie.
@@ -104,6 +105,7 @@ def test_losses_match_single_process_and_zero3(data, single, ref, tmp_path):
     z3 = losses(tmp_path / "z3")
     assert len(z3) == 4 and all(abs(z3[s] - expected[s]) > 1e-6 for s in z3)  # tying changed the model
     _close(losses(tmp_path / "hsdp"), z3, REL, "fsdp2 HSDP + activation checkpointing vs deepspeed zero3")
+    _close(grad_norms(tmp_path / "hsdp"), grad_norms(tmp_path / "z3"), REL, "HSDP vs zero3 gradient norms")
 
 
 def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_path):

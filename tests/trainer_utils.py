@@ -112,6 +112,13 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in recs}
 
 
+def grad_norms(out_dir: Path) -> dict[int, float]:
+    """Per-step global gradient norm before clipping (the whole student: body and head) from
+    metrics.jsonl: comparing it checks the gradients' scale, which AdamW's updates, and so the
+    losses, barely show."""
+    return {r["step"]: r["optim/grad_norm"] for r in step_records(out_dir)}
+
+
 def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     path = out_dir / "metrics.jsonl"
     t0 = time.time()

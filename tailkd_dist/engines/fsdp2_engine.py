@@ -33,13 +33,13 @@ Where the head gradient lands, and why it is right:
   in ``grad_placements``; ``step`` redistributes it to the parameter's placements (one
   all-reduce over "dp" per step, after all micro-batches) -- this is what FSDP2's HSDP does
   for the body with its all-reduce over the replicate group.
-* Scale: FSDP2 AVERAGES body gradients over all W = dp * shard ranks (reduce-scatter within
-  the shard group, all-reduce across replicas, divided by W) and SUMS micro-batches into the
-  sharded gradient. The step back-propagates ``loss_sum * W / N_global`` (``loss_scale``), so
-  each body gradient ends as sum_ranks,micro(grad of loss sums) / N_global, the global
-  per-token mean. The head rows saw the same scaled loss without FSDP's division: after the
-  "dp" sum their gradient is W / N_global times the global sum, so ``step`` divides by W.
-  Body and head gradients are then on the same footing (as in the DeepSpeed adapter).
+* Scale: the loss is a sum over tokens, normalised once by the global valid-token count
+  N_global (``loss_scale`` = 1 / N_global). FSDP2 would AVERAGE body gradients over the
+  W = dp * shard ranks; its gradient divide factor is set to 1 so that it SUMS them
+  (reduce-scatter within the shard group, all-reduce across replicas) and sums micro-batches
+  into the sharded gradient: each body gradient ends as sum_ranks,micro(grad of loss sums) /
+  N_global, the global per-token mean. The head rows get the same after the "dp" sum, with no
+  correction by hand (as in the DeepSpeed adapter).
 
 Precision. With ``models.dtype`` bf16 on GPUs the student body runs under
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 master shards, bf16
@@ -214,9 +214,8 @@ class FSDP2Adapter(EngineAdapter):
 
     def __init__(self, *, cfg, topo, teacher, student, vocab, dtype):
         super().__init__(cfg=cfg, topo=topo, teacher=teacher, student=student, vocab=vocab)
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        self.world = topo.world_size
         if topo.mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -268,6 +267,13 @@ class FSDP2Adapter(EngineAdapter):
         for _, _, block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=mp, reshard_after_forward=True)
         fully_shard(self.student_body, mesh=self.mesh, mp_policy=mp)
+        for unit in self.student_body.modules():
+            if isinstance(unit, FSDPModule):
+                # The loss is already a sum normalised by the global token count: FSDP must sum
+                # the ranks' gradients, not average them (as torchtitan sets it). Factor 1 is a
+                # plain SUM reduction on every backend (gloo has no pre-multiplied sum).
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
         if self.loads_from_rank0("student"):
             _fill_from_rank0(self.student_body, s_full, self.device)
             del s_full
@@ -312,7 +318,7 @@ class FSDP2Adapter(EngineAdapter):
         self.student.eval()
 
     def loss_scale(self, n_global):
-        return self.world / n_global  # FSDP2 divides by W (module docstring)
+        return 1.0 / n_global  # FSDP sums the ranks' gradients (divide factor 1)
 
     def backward(self, loss) -> None:
         loss.backward()
@@ -321,14 +327,12 @@ class FSDP2Adapter(EngineAdapter):
         """FSDP2 reduce-scatters every micro-batch and sums into the sharded gradients."""
 
     def finish_head_grads(self) -> None:
-        """The head gradient: summed over the replicas (HSDP), divided by W (module docstring)."""
+        """The head gradient: summed over the replicas (HSDP), as FSDP sums the body's."""
         for p in self.student_lm_head.parameters():
             if p.grad is None:
                 continue
-            g = p.grad
-            if tuple(g.placements) != tuple(p.placements):
-                g = g.redistribute(p.device_mesh, p.placements)  # Partial("dp") -> Replicate: all-reduce
-            p.grad = g.div_(self.world) if self.world != 1 else g
+            if tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)  # Partial("dp") -> Replicate: all-reduce
 
     def step(self, *, lr: float, grad_clip: float) -> float:
         """The optimizer step after the last micro-batch; returns the global grad norm."""
