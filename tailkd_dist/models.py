@@ -87,6 +87,25 @@ def body_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def decoder_blocks(body: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, block) of every decoder block, in order: instances of HF's
+    ``_no_split_modules`` classes, else the children of ``body.layers``. FSDP2 shards block by
+    block (and wraps them for activation checkpointing through the parent); the hidden-state
+    term hooks the blocks' outputs."""
+    names = set(getattr(body, "_no_split_modules", None) or [])
+    found = []
+    if names:
+        for parent in body.modules():
+            for attr, child in parent.named_children():
+                if type(child).__name__ in names:
+                    found.append((parent, attr, child))
+    if not found and isinstance(getattr(body, "layers", None), nn.ModuleList):
+        found = [(body.layers, str(i), m) for i, m in enumerate(body.layers)]
+    if not found:
+        raise ValueError(f"{type(body).__name__}: cannot find its decoder blocks")
+    return found
+
+
 def lm_head_of(model: nn.Module) -> nn.Module:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import REPO, env, free_port, losses, write_config
+from trainer_utils import REPO, close_by_step, env, free_port, losses, write_config
 
 SBIN = os.pathsep.join(["/usr/sbin", "/sbin", os.environ.get("PATH", "")])
 SLURM_BINS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
@@ -47,12 +47,6 @@ def zero3_lg2(path: Path, data: Path, out: Path, **kw) -> Path:
     return write_config(path, data, out, loss__loss_group_size=2,
                         engine__ds_config=str(REPO / "ds_configs/zero3.json"),
                         checkpoint__export_hf_at_end=False, **kw)
-
-
-def _close(a: dict, b: dict, rel: float, what: str):
-    assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
-    for s in a:
-        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -552,7 +546,7 @@ def test_two_hosts_torchrun_and_deepspeed_launcher_match_one_host(data, tmp_path
                                  hosts.addr[i], "--max_restarts", "0", str(entry / "tk_entry.py"), str(cfg)],
                              logs[i], pin) for i in (0, 1)]
         _run_pair(procs, logs, 300)
-        _close(losses(out), ref, REL, "torchrun --nnodes 2")
+        close_by_step(losses(out), ref, REL, "torchrun --nnodes 2")
         moved = hosts.rx_bytes(1)
         assert moved > 100_000, f"only {moved} bytes crossed the veth pair"  # the ranks talked over it
 
@@ -568,7 +562,7 @@ def test_two_hosts_torchrun_and_deepspeed_launcher_match_one_host(data, tmp_path
                                  "--master_port", str(port), str(entry / "tk_entry.py"), str(cfg)],
                              logs[i], pin) for i in (0, 1)]
         _run_pair(procs, logs, 300)
-        _close(losses(out), ref, REL, "deepspeed launcher, 2-host hostfile")
+        close_by_step(losses(out), ref, REL, "deepspeed launcher, 2-host hostfile")
         assert hosts.rx_bytes(1) > moved + 100_000
         assert "dist_world_size=2" in logs[1].read_text() and "node_rank=1" in logs[1].read_text()
     finally:

@@ -13,19 +13,13 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, command, env, grad_norms, kill_one_worker, losses, run, wait_for_step, write_config,
+    REPO, STUDENT, TEACHER, close_by_step, command, env, grad_norms, kill_one_worker, losses, run, wait_for_step, write_config,
 )
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
 
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
-
-
-def _close(a: dict, b: dict, rel: float, what: str):
-    assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
-    for s in a:
-        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
 
 
 @pytest.mark.slow
@@ -59,8 +53,8 @@ def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
         cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, loss__loss_group_size=lg,
                            engine__ds_config=str(REPO / "ds_configs" / ds), checkpoint__export_hf_at_end=False)
         run(cfg, launcher=launcher, nproc=2)
-        _close(losses(tmp_path / name), ref, REL, name)
-        _close(grad_norms(tmp_path / name), grad_norms(tmp_path / "single"), REL, f"{name} gradient norms")
+        close_by_step(losses(tmp_path / name), ref, REL, name)
+        close_by_step(grad_norms(tmp_path / name), grad_norms(tmp_path / "single"), REL, f"{name} gradient norms")
 
 
 def test_model_directories_load_into_zero3_partitions(data, tmp_path):
@@ -95,7 +89,7 @@ def test_model_directories_load_into_zero3_partitions(data, tmp_path):
         assert m, (role, out.stderr[-3000:])
         mine, total = int(m[1]), int(m[2])
         assert total > 0 and mine <= total / 2 + 64, (role, mine, total)  # + per-tensor padding
-    _close(losses(tmp_path / "sharded"), ref, REL, "models loaded into ZeRO-3 partitions")
+    close_by_step(losses(tmp_path / "sharded"), ref, REL, "models loaded into ZeRO-3 partitions")
     # the exported students agree too (the export gathers the partitions and the head rows)
     from safetensors.torch import load_file
 
@@ -130,7 +124,7 @@ def test_sigkill_a_rank_then_resume_is_exact(data, tmp_path):
     # room for BLAS thread scheduling, far below any real divergence.
     # losses() also checks that metrics.jsonl holds each step once (the resumed run dropped the
     # records of the steps after its checkpoint, and re-ran them)
-    _close(losses(tmp_path / "killed"), ref, 1e-6, "resumed")
+    close_by_step(losses(tmp_path / "killed"), ref, 1e-6, "resumed")
 
 
 @pytest.mark.slow
@@ -280,7 +274,7 @@ def test_evals_where_users_look_and_resume_records_each_step_once(data, tmp_path
         out.stderr[-3000:]
     after = losses(tmp_path / "run")  # asserts each step recorded once
     assert sorted(after) == [1, 2, 3, 4]
-    _close(after, before, 1e-6, "resumed from step 2")
+    close_by_step(after, before, 1e-6, "resumed from step 2")
     evals = [r["step"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
              if "eval/student_nll" in r]
     assert evals == [2, 4], evals

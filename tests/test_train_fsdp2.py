@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, cleanup_shm, command, env, free_port, grad_norms, kill_one_worker, losses, run,
+    REPO, STUDENT, TEACHER, cleanup_shm, close_by_step, command, env, free_port, grad_norms, kill_one_worker, losses, run,
     wait_for_step,
 )
 from trainer_utils import write_config as _write_config
@@ -45,12 +45,6 @@ def write_config(path: Path, data: Path, out: Path, *, tied: bool = False, **ove
         eval__max_batches=1,
     )
     return _write_config(path, data, out, **{**base, **overrides})
-
-
-def _close(a: dict, b: dict, rel: float, what: str):
-    assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
-    for s in a:
-        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +80,8 @@ def ref(data, tmp_path_factory):
 def test_losses_match_single_process_and_zero3(data, single, ref, tmp_path):
     expected = losses(single)
     assert len(expected) == 4 and expected[1] > 0
-    _close(losses(ref), expected, REL, "fsdp2 over 2 ranks vs one process")
-    _close(grad_norms(ref), grad_norms(single), REL, "fsdp2 gradient norms vs one process")
+    close_by_step(losses(ref), expected, REL, "fsdp2 over 2 ranks vs one process")
+    close_by_step(grad_norms(ref), grad_norms(single), REL, "fsdp2 gradient norms vs one process")
     # FSDP2 as HSDP (replicate over "dp" = 2, shard over "loss" = 1: the head gradient is a
     # Partial sum over the replicas) with activation checkpointing, vs DeepSpeed ZeRO-3 with
     # a vocab-parallel loss over 2 ranks; both with a tied student, which the engines untie.
@@ -104,8 +98,8 @@ def test_losses_match_single_process_and_zero3(data, single, ref, tmp_path):
         cleanup_shm()
     z3 = losses(tmp_path / "z3")
     assert len(z3) == 4 and all(abs(z3[s] - expected[s]) > 1e-6 for s in z3)  # tying changed the model
-    _close(losses(tmp_path / "hsdp"), z3, REL, "fsdp2 HSDP + activation checkpointing vs deepspeed zero3")
-    _close(grad_norms(tmp_path / "hsdp"), grad_norms(tmp_path / "z3"), REL, "HSDP vs zero3 gradient norms")
+    close_by_step(losses(tmp_path / "hsdp"), z3, REL, "fsdp2 HSDP + activation checkpointing vs deepspeed zero3")
+    close_by_step(grad_norms(tmp_path / "hsdp"), grad_norms(tmp_path / "z3"), REL, "HSDP vs zero3 gradient norms")
 
 
 def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_path):
@@ -144,7 +138,7 @@ def test_model_directories_load_on_rank0_and_shard_from_there(data, single, tmp_
         assert bool(compiled_at_step_1) == (name == "hsdp_ac"), (name, out.stderr[-3000:])
         for role in ("teacher", "student"):
             assert f"{role} {tmp_path / role} read by rank 0 only" in out.stderr, (role, out.stderr[-3000:])
-        _close(losses(tmp_path / name), expected, REL, f"{name}: directories read by rank 0 only")
+        close_by_step(losses(tmp_path / name), expected, REL, f"{name}: directories read by rank 0 only")
 
 
 @pytest.mark.slow
@@ -190,7 +184,7 @@ def test_sigkill_a_rank_then_resume_is_exact(data, ref, tmp_path):
     # Weights, AdamW state (DCP), RNG, loader position and counters are restored and gloo
     # reduces in a fixed order, so the re-run steps should be bitwise equal; 1e-6 leaves room
     # for BLAS thread scheduling, far below any real divergence.
-    _close(losses(tmp_path / "run"), losses(ref), 1e-6, "resumed")
+    close_by_step(losses(tmp_path / "run"), losses(ref), 1e-6, "resumed")
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
 

@@ -5,13 +5,14 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from dist_harness import free_port  # noqa: F401  (one definition for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,10 +62,11 @@ def write_config(path: Path, data: Path, out: Path, **overrides) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def close_by_step(a: dict, b: dict, rel: float, what: str) -> None:
+    """Two {step: value} series agree step by step within ``rel`` (relative to ``b``)."""
+    assert sorted(a) == sorted(b), (what, sorted(a), sorted(b))
+    for s in a:
+        assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"{what}: step {s}: {a[s]!r} vs {b[s]!r}"
 
 
 def env() -> dict:

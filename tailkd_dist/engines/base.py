@@ -15,17 +15,9 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.config import TrainConfig
-from tailkd_dist.models import body_of, full_shape, hidden_scale, lm_head_of, untie_warning
+from tailkd_dist.models import body_of, decoder_blocks, full_shape, hidden_scale, lm_head_of, untie_warning
 from tailkd_dist.parallel.lm_head import ShardedHead, gathered
 from tailkd_dist.parallel.topology import Topology
-
-
-def _decoder_layers(body, n_layers: int):
-    """The body's list of decoder blocks (``layers`` in every supported HF family)."""
-    for child in body.children():
-        if isinstance(child, torch.nn.ModuleList) and len(child) == n_layers:
-            return child
-    raise ValueError(f"{type(body).__name__}: no list of {n_layers} decoder layers found for the hidden-state term")
 
 
 def decay_groups(params, weight_decay: float):
@@ -100,7 +92,10 @@ class EngineAdapter:
         self._capturing = None
         for role, model, idx in (("student", student, [i for i, _ in self.hidden_pairs]),
                                  ("teacher", teacher, [j for _, j in self.hidden_pairs])):
-            layers = _decoder_layers(body_of(model), model.config.num_hidden_layers)
+            layers = [block for _, _, block in decoder_blocks(body_of(model))]
+            if len(layers) != model.config.num_hidden_layers:
+                raise ValueError(f"the {role} has {model.config.num_hidden_layers} layers but {len(layers)} decoder "
+                                 "blocks were found: the hidden-state term cannot pair them")
             for slot, k in enumerate(idx):
                 layers[k].register_forward_hook(self._capture_hook(role, slot))
         self.aux = HiddenProjection(n_layers=len(self.hidden_pairs), student_width=student.config.hidden_size,

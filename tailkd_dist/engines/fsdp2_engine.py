@@ -76,7 +76,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups, rng_state, set_rng_state
-from tailkd_dist.models import lm_head_of
+from tailkd_dist.models import decoder_blocks, lm_head_of
 from tailkd_dist.parallel.single import init_single_process_group
 
 log = logging.getLogger("tailkd_dist")
@@ -162,23 +162,6 @@ class _Student(nn.Module):
         setattr(self, HEAD_KEY, head)
 
 
-def _decoder_layers(body: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, block) of every decoder block: HF's ``_no_split_modules`` classes,
-    else the children of ``body.layers``."""
-    names = set(getattr(body, "_no_split_modules", None) or [])
-    found = []
-    if names:
-        for parent in body.modules():
-            for attr, child in parent.named_children():
-                if type(child).__name__ in names:
-                    found.append((parent, attr, child))
-    if not found and isinstance(getattr(body, "layers", None), nn.ModuleList):
-        found = [(body.layers, str(i), m) for i, m in enumerate(body.layers)]
-    if not found:
-        raise ValueError(f"{type(body).__name__}: cannot find its decoder blocks to shard one by one")
-    return found
-
-
 def _ensure_process_group(device: torch.device) -> None:
     """FSDP2 and DTensors need a process group, also for one process: a private 1-rank one."""
     init_single_process_group(device)
@@ -252,7 +235,7 @@ class FSDP2Adapter(EngineAdapter):
         # Sharded load: rank 0's full weights, taken before any wrapping or sharding.
         rank0 = topo.rank == 0
         s_full = self.student_body.state_dict() if rank0 and self.loads_from_rank0("student") else None
-        blocks = _decoder_layers(self.student_body)
+        blocks = decoder_blocks(self.student_body)
         if cfg.engine.activation_checkpointing:
             # Non-reentrant checkpointing around each block, and FSDP around the wrapper (as
             # torchtitan does): the block's all-gather stays outside the recomputed region.
@@ -283,7 +266,7 @@ class FSDP2Adapter(EngineAdapter):
             self.teacher_body.requires_grad_(False)
             self.teacher_body.to(compute)
             t_full = self.teacher_body.state_dict() if rank0 and self.loads_from_rank0("teacher") else None
-            for _, _, block in _decoder_layers(self.teacher_body):
+            for _, _, block in decoder_blocks(self.teacher_body):
                 fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
             fully_shard(self.teacher_body, mesh=self.mesh, reshard_after_forward=True)
             if self.loads_from_rank0("teacher"):
