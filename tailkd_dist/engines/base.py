@@ -3,7 +3,8 @@ forward, the global gradient norm, and the per-rank extra state of a checkpoint.
 
 An engine (DeepSpeed, FSDP2) differs only in how it wraps the two bodies, runs backward and
 the optimizer step, and saves/loads/exports the body (``tailkd_dist.engines.*``); the training
-step (``tailkd_dist.step``) talks to this interface alone.
+step (``tailkd_dist.step``) talks to this interface alone. What an engine provides, and the
+engines' design: docs/engines.md.
 """
 from __future__ import annotations
 

@@ -2,18 +2,8 @@
 ZeRO-3 inference engine (no optimizer, no gradients, its own config so it can be offloaded),
 the lm_heads outside both as vocabulary shards (parallel/lm_head.py explains why).
 
-Gradient bookkeeping. DeepSpeed divides each micro-batch loss by the accumulation steps
-(gas) and averages gradients over all W ranks. Backpropagating loss_sum * gas * W / N_global
-therefore leaves every body gradient at sum(grad of loss sums) / N_global, the global mean
-over valid tokens. The head shards see the same scaled loss without DeepSpeed's averaging:
-their gradient is W / N_global times the loss group's sum, so ``finish_head_grads`` sums it
-over the data-parallel replicas (the ranks holding the same rows) and divides by W.
-
-Clipping by the GLOBAL norm (body and heads together) while DeepSpeed owns the body's
-gradient partitions: the body's norm is read from the ZeRO optimizer (the function its own
-step uses), the heads' is added, and the ZeRO optimizer's ``clip_grad`` is set for this step
-to max_norm * body / total, so its own clipping scales the body by max_norm / total: exactly
-the factor applied to the heads.
+The gradient bookkeeping and the clipping by the global norm while DeepSpeed owns the body's
+gradient partitions are explained in docs/engines.md.
 """
 from __future__ import annotations
 

@@ -1,66 +1,9 @@
 """FSDP2 adapter: teacher and student bodies under ``torch.distributed.fsdp.fully_shard``
 (per decoder block and at the root), the lm_heads as DTensors whose local row shards feed the
-vocab-parallel fused loss IN PLACE, checkpoints with ``torch.distributed.checkpoint`` (DCP).
+vocab-parallel fused loss in place, checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
-Mesh. The FSDP shard group IS the loss group: with ``loss.loss_group_size`` equal to the world
-size the models are fully sharded over the 1-D mesh ``topo.mesh["loss"]``; with a smaller loss
-group they are sharded within each loss group and replicated across them (HSDP on the 2-D mesh
-``topo.mesh`` = ("dp", "loss"): placements (Replicate(), Shard(0))). One process gets a 1-rank
-mesh (a private 1-rank process group), so the same code runs everywhere.
-
-lm_heads. FSDP2 shards every parameter on dim 0 in ``torch.chunk`` style (ceil(V/P) rows per
-rank, the last ranks fewer or none): for an lm_head [V, d] a rank's local shard is a CONTIGUOUS
-VOCABULARY SLICE, in shard-rank order, which is exactly what the fused loss takes with
-``vocab_group`` = the loss group (any contiguous split in rank order; uneven V is fine). So the
-heads are not given to ``fully_shard`` at all (its forward pre-hook would all-gather them, and
-the loss never calls the head module anyway): each head weight (and bias) is made a DTensor
-parameter here, ``distribute_tensor(rows, mesh, (Replicate(),)*k + (Shard(0),))`` with the same
-mesh and the same chunking FSDP uses for the body, and the loss gets ``weight.to_local()``,
-i.e. the rank's rows, never gathered (tests/test_train_fsdp2.py watches every collective).
-
-Where the head gradient lands, and why it is right:
-
-* ``to_local`` is differentiable: the loss's gradient w.r.t. the local rows comes back through
-  it as a DTensor gradient with the given ``grad_placements`` and is accumulated by autograd
-  into ``weight.grad`` -- a DTensor on the same mesh with the parameter's shape, exactly what
-  torch's AdamW and ``clip_grad_norm_``-style norms over DTensors expect (they see one more
-  sharded parameter, like every FSDP-managed one).
-* Within a loss group the fused loss already returns, on each rank, the gradient of the GROUP's
-  total loss w.r.t. that rank's rows (it gathers the group's hidden states), so on the shard
-  dimension the local gradient is complete: placement Shard(0).
-* Across HSDP replicas (mesh dim "dp") every replica computed its own data's gradient for the
-  same rows: the true gradient is their SUM, so the replicate dimension is declared Partial()
-  in ``grad_placements``; ``step`` redistributes it to the parameter's placements (one
-  all-reduce over "dp" per step, after all micro-batches) -- this is what FSDP2's HSDP does
-  for the body with its all-reduce over the replicate group.
-* Scale: the loss is a sum over tokens, normalised once by the global valid-token count
-  N_global (``loss_scale`` = 1 / N_global). FSDP2 would AVERAGE body gradients over the
-  W = dp * shard ranks; its gradient divide factor is set to 1 so that it SUMS them
-  (reduce-scatter within the shard group, all-reduce across replicas) and sums micro-batches
-  into the sharded gradient: each body gradient ends as sum_ranks,micro(grad of loss sums) /
-  N_global, the global per-token mean. The head rows get the same after the "dp" sum, with no
-  correction by hand (as in the DeepSpeed adapter).
-
-Precision. With ``models.dtype`` bf16 on GPUs the student body runs under
-``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (fp32 master shards, bf16
-compute, fp32 gradient reduction); its head shard is an fp32 master too and is cast to bf16 for
-the loss (which wants hidden states and weights in one dtype; the gradient comes back through
-the cast as fp32). The frozen teacher, body and head, is stored in bf16 (no master copy). On
-CPU everything is fp32.
-
-Clipping uses the global norm over every student gradient (body and head DTensors together,
-one reduction per mesh dimension) and the same coefficient formula as the DeepSpeed path.
-
-Tied input/output embeddings are untied (warned by the base class): the head is a copy of the
-output rows, the embedding stays in the body. Padded rows beyond the common vocabulary are
-kept aside and written back by the export (base class).
-
-Checkpoints: ``adapter.save`` writes model + optimizer state (``get_state_dict``: DTensor
-shards, head included, FQNs "body.<...>" and "lm_head.weight"/"lm_head.bias") with
-``dcp.save`` under ``<tag>/dcp`` and a small ``fsdp2.json``; ``checkpoint.py`` adds the per-rank
-RNG states and the trainer state and marks the checkpoint COMPLETE after every rank is done,
-so a save killed half-way is never resumed. ``export.export_checkpoint`` reads the model
-entries of the DCP directory in one process (no process group).
+The design (the mesh, where the head gradient lands and why it is right, the gradient scale,
+precision, tied embeddings, checkpoints) is in docs/engines.md.
 """
 from __future__ import annotations
 
