@@ -38,6 +38,7 @@ AtLeast1 = Annotated[Int, Field(ge=1)]
 AtLeast0 = Annotated[Int, Field(ge=0)]
 Positive = Annotated[Float, Field(gt=0)]
 NonNegative = Annotated[Float, Field(ge=0)]
+Fraction = Annotated[Float, Field(ge=0, lt=1)]
 Seed = Annotated[Int, Field(ge=0, lt=2**32)]  # numpy's seed range
 Text = Annotated[str, Field(min_length=1)]
 
@@ -75,7 +76,8 @@ class ModelsConfig:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameter/compute dtype: "auto" (bf16 on GPUs that support it, fp32 on CPU), "fp32", "bf16"."""
     attention: Attention = "sdpa"
-    """HF attention implementation for both models: "sdpa" or "eager"."""
+    """HF attention implementation for both models: "sdpa", "eager", "flex_attention", or
+    "flash_attention_2" / "flash_attention_3" (CUDA and their package only)."""
     freeze_embeddings: bool = False
     """Keep the student's input embeddings fixed (the paper copies them from the teacher and
     freezes them; see tailkd-derive-student). An untied output head still trains."""
@@ -149,7 +151,7 @@ class OptimConfig:
     """Peak learning rate (paper: 1e-4)."""
     weight_decay: NonNegative = 0.1
     """Decoupled weight decay (paper: 0.1)."""
-    betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     """Adam betas."""
     eps: Positive = 1e-8
     """Adam epsilon."""
@@ -258,9 +260,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------- loading
 
 
-_SECTIONS = [TrainConfig, ModelsConfig, ModelSpec, DataConfig, LossConfig, OptimConfig, EngineConfig,
-             CheckpointConfig, LoggingConfig, EvalConfig]
-for _cls in _SECTIONS:
+def _sections(cls=TrainConfig):
+    """Every dataclass of the config tree, found from its fields (a new section is included)."""
+    yield cls
+    for tp in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp)
+
+
+for _cls in set(_sections()):
     # unknown keys are errors (a typo must not be ignored); numbers given as strings by a YAML
     # override ("3e-4") are read as numbers, a number where a name is expected as its text
     _cls.__pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
@@ -300,7 +308,7 @@ def _one_line(error: ValidationError, raw: dict) -> str:
     # a list or tuple entry's index is part of the value, not of the key
     key_loc = tuple(p for p in loc if isinstance(p, str))
     key = ".".join(key_loc)
-    more = len(error.errors()) - 1
+    more = error.error_count() - 1
     tail = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
     if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         section = _section(loc)

@@ -33,7 +33,7 @@ def default_layer_map(*, student_layers: int, teacher_layers: int, student_path:
                                                       for j in layer_map):
             raise ValueError(f"{record} holds no layer_map (a list of teacher layers): {fix}")
         if len(layer_map) != student_layers:
-            raise ValueError(f"{student_path}/{DERIVATION_FILE} maps {len(layer_map)} layers but the student has "
+            raise ValueError(f"{record} maps {len(layer_map)} layers but the student has "
                              f"{student_layers}: the file belongs to another student")
         return [int(j) for j in layer_map]
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
