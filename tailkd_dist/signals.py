@@ -68,24 +68,50 @@ class StopSignals:
         return bool(flag.item())
 
 
+_unwinding: int | None = None  # the signal an unwind_on_signals handler received, if any
+
+
 @contextlib.contextmanager
 def unwind_on_signals(prog: str):
     """``with unwind_on_signals(prog):`` around a tool that builds its output in a staging
     directory (prepare-data, derive-student): SIGTERM and SIGINT unwind the stack, so the
     staging and cache directories are removed on the way out; one line instead of a
-    traceback, exit status 128 + signal. The previous handlers come back afterwards."""
+    traceback, exit status 128 + signal. The previous handlers come back afterwards.
+
+    Python runs a handler between any two bytecodes of the main thread, including inside a
+    ``__del__`` or a weakref callback, where the interpreter prints and drops the exception
+    it raises. So the signal is also remembered: ``raise_if_stopping()`` (called before an
+    output is published, and per batch of work) and the block's end raise it again."""
+    global _unwinding
 
     def _unwind(signum, frame):
-        sys.stderr.write(f"{prog}: stopped by {signal.Signals(signum).name}\n")
-        sys.stderr.flush()
+        global _unwinding
+        if _unwinding is None:
+            sys.stderr.write(f"{prog}: stopped by {signal.Signals(signum).name}\n")
+            sys.stderr.flush()
+            _unwinding = signum
         raise SystemExit(128 + signum)
 
+    def _quiet(unraisable):  # the dropped SystemExit: its one line was written already
+        if not (isinstance(unraisable.exc_value, SystemExit) and _unwinding is not None):
+            hook(unraisable)
+
     saved = {sig: signal.signal(sig, _unwind) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hook, sys.unraisablehook = sys.unraisablehook, _quiet
     try:
         yield
+        raise_if_stopping()
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
+        _unwinding = None
+
+
+def raise_if_stopping() -> None:
+    """Raise the SystemExit of a stop signal that arrived where its exception was dropped."""
+    if _unwinding is not None:
+        raise SystemExit(128 + _unwinding)
 
 
 _paused: set[str] = set()

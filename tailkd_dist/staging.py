@@ -17,6 +17,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from tailkd_dist.signals import raise_if_stopping
+
 
 def read_json(path: str | os.PathLike, *, fix: str):
     """A small JSON file (a manifest, an index, a model config); damage -> one ValueError naming
@@ -169,6 +171,7 @@ def staged_dir(out: Path):
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should be like any mkdir
     try:
         yield staging
+        raise_if_stopping()  # a stop that arrived while the output was built: never publish it
         if out.exists():  # swap, then delete the old output
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "x")

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tailkd_dist import __version__
-from tailkd_dist.signals import unwind_on_signals
+from tailkd_dist.signals import raise_if_stopping, unwind_on_signals
 from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
@@ -200,6 +200,7 @@ def _write_split(texts, *, encode: Callable, out: Path, name: str, tokenizer,
                 stats.documents += 1
                 stats.tokens += len(ids)
             bar.update(len(batch))
+            raise_if_stopping()
         packer.flush(final=True)
     index = json.loads((out / "index.json").read_text())
     stats.rows, stats.padding_tokens = packer.rows, packer.padding
