@@ -86,9 +86,9 @@ def ensure_torch_distributed() -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         _unlink_shm_buffer()
         return
-    # One process: a private group over an in-memory store (no rendezvous port), then DeepSpeed
-    # wraps it as it wraps a launcher's group.
-    init_single_process_group(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    # One process: a private one-rank group (no rendezvous, no port), then DeepSpeed wraps it as
+    # it wraps a launcher's group.
+    init_single_process_group()
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)

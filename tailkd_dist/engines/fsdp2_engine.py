@@ -105,9 +105,9 @@ class _Student(nn.Module):
         setattr(self, HEAD_KEY, head)
 
 
-def _ensure_process_group(device: torch.device) -> None:
+def _ensure_process_group() -> None:
     """FSDP2 and DTensors need a process group, also for one process: a private 1-rank one."""
-    init_single_process_group(device)
+    init_single_process_group()
 
 
 def loads_from_rank0(cfg, world_size: int, role: str) -> bool:
@@ -145,7 +145,7 @@ class FSDP2Adapter(EngineAdapter):
         if topo.mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
-            _ensure_process_group(self.device)
+            _ensure_process_group()
             self.mesh = init_device_mesh(self.device.type, (1,))
         elif topo.dp_size == 1:
             self.mesh = topo.mesh["loss"]  # FSDP over every rank
