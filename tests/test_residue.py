@@ -134,3 +134,74 @@ def test_prepare_removes_what_a_killed_prepare_left(data, tmp_path):
         assert (out / "manifest.json").exists()
     finally:
         sleeper.kill()
+
+
+# ------------------------------------------------------------------------------ streaming's state
+_HOLD = r"""
+import sys, time
+from tailkd_dist.data.dataset import LoaderConfig, make_loader
+loader = make_loader(LoaderConfig(local=sys.argv[1], split="train", batch_size=2, shuffle=False))
+next(iter(loader))
+print(f"{loader.dataset._shm_prefix_int:06}", flush=True)
+if sys.argv[2] == "hold":
+    time.sleep(600)
+"""
+
+
+def _streaming_files() -> set[Path]:
+    import tempfile
+
+    from tailkd_dist.data.streaming_residue import SHM_DIR, _LOCK_NAME, _SHM_NAME
+
+    tmp = Path(tempfile.gettempdir())
+    return ({SHM_DIR / n for n in os.listdir(SHM_DIR) if _SHM_NAME.match(n)}
+            | {tmp / n for n in os.listdir(tmp) if _LOCK_NAME.match(n)})
+
+
+def _dataset_process(data: Path, mode: str) -> tuple[subprocess.Popen, set[Path]]:
+    """A process reading the data with streaming; returns it and the files of its prefix."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(data), mode], env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    prefix = proc.stdout.readline().strip()
+    assert prefix.isdigit(), proc.stderr.read()[-3000:]
+    return proc, {p for p in _streaming_files() if p.name.startswith(prefix + "_")}
+
+
+def _age(paths, seconds: float = 3600) -> None:
+    for p in paths:
+        t = time.time() - seconds
+        os.utime(p, (t, t))
+
+
+def test_streaming_state_of_a_killed_run_is_removed_by_the_next_and_nothing_live(data, tmp_path):
+    """A killed dataset leaves shared memory and locks; the next one removes them, and leaves
+    alone a live dataset's, another user's, and files younger than a minute."""
+    import tempfile
+
+    dead, dead_files = _dataset_process(data, "hold")
+    assert any(p.parent == Path("/dev/shm") for p in dead_files), dead_files
+    os.killpg(dead.pid, signal.SIGKILL)  # with its loader workers: nothing of streaming's exit runs
+    dead.wait(timeout=30)
+    time.sleep(0.5)
+    assert all(p.exists() for p in dead_files)
+    live, live_files = _dataset_process(data, "hold")
+    assert live_files and not live_files & dead_files
+    other = [Path("/dev/shm/999990_locals"), Path(tempfile.gettempdir()) / "999990_barrier_filelock"]
+    young = [Path("/dev/shm/999991_locals")]
+    try:
+        for p in other + young:
+            p.write_bytes(b"\0" * 8)
+        for p in other:
+            os.chown(p, 65534, 65534)  # another user's job on the node
+        _age(dead_files | live_files | set(other))
+        assert all(p.exists() for p in dead_files | live_files)
+        nxt, _ = _dataset_process(data, "exit")
+        assert nxt.wait(timeout=60) == 0, nxt.stderr.read()[-3000:]
+        # gone (the next run may have taken the freed prefix: its files are new, not aged)
+        assert [p for p in dead_files if p.exists() and time.time() - p.stat().st_mtime > 600] == []
+        assert all(p.exists() for p in live_files | set(other) | set(young))
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait(timeout=30)
+        for p in [*other, *young, *live_files]:
+            p.unlink(missing_ok=True)

@@ -44,9 +44,9 @@ from tailkd_dist.data.streaming_compat import (
     CloudDownloader,
     StreamingDataLoader,
     StreamingDataset,
-    clean_stale_shared_memory,
     get_hash,
 )
+from tailkd_dist.data.streaming_residue import remove_dead_streaming_state
 from tailkd_dist.data.tokenizer import tokenizer_sha256 as hash_tokenizer_files
 from tailkd_dist.staging import read_json
 
@@ -90,10 +90,6 @@ class LoaderConfig:
     """Consecutive ranks that read the same samples (the tensor-parallel group size), or None."""
     download_timeout: float = 60.0
     """Seconds allowed per shard download from `remote`."""
-    clean_stale_shm: bool = False
-    """Run streaming's clean_stale_shared_memory() first, after a crash left /dev/shm objects.
-    It unlinks every streaming object on the node, live ones included: only at the start of a
-    job that is the only streaming user of its node."""
 
 
 def read_manifest(
@@ -262,8 +258,8 @@ class PackedTokenDataset(StreamingDataset):
         if config.local_check not in ("hash", "size", "off"):
             raise ValueError(f"local_check={config.local_check!r}: use 'hash', 'size' or 'off'.")
         _check_world_env()
-        if config.clean_stale_shm:
-            clean_stale_shared_memory()
+        # What earlier runs on this node left (a killed run: everything; any run: its locks).
+        remove_dead_streaming_state()
         self.config = config
         self.manifest = read_manifest(local=config.local, remote=config.remote,
                                       timeout=config.download_timeout)

@@ -21,7 +21,7 @@ import streaming  # noqa: E402
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: E402
 from streaming.base.hashing import get_hash  # noqa: E402
 from streaming.base.storage.download import CloudDownloader  # noqa: E402
-from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN  # noqa: E402
 
 __all__ = [
     "streaming",
@@ -30,5 +30,7 @@ __all__ = [
     "StreamingDataset",
     "CloudDownloader",
     "get_hash",
-    "clean_stale_shared_memory",
+    "BARRIER_FILELOCK",
+    "CACHE_FILELOCK",
+    "SHM_TO_CLEAN",
 ]
