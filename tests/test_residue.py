@@ -140,7 +140,8 @@ def test_prepare_removes_what_a_killed_prepare_left(data, tmp_path):
 _HOLD = r"""
 import sys, time
 from tailkd_dist.data.dataset import LoaderConfig, make_loader
-loader = make_loader(LoaderConfig(local=sys.argv[1], split="train", batch_size=2, shuffle=False))
+remote = dict(remote=sys.argv[3], local=sys.argv[1]) if len(sys.argv) > 3 else dict(local=sys.argv[1])
+loader = make_loader(LoaderConfig(**remote, split="train", batch_size=2, shuffle=False))
 next(iter(loader))
 print(f"{loader.dataset._shm_prefix_int:06}", flush=True)
 if sys.argv[2] == "hold":
@@ -158,9 +159,10 @@ def _streaming_files() -> set[Path]:
             | {tmp / n for n in os.listdir(tmp) if _LOCK_NAME.match(n)})
 
 
-def _dataset_process(data: Path, mode: str) -> tuple[subprocess.Popen, set[Path]]:
-    """A process reading the data with streaming; returns it and the files of its prefix."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(data), mode], env=env(), cwd=REPO,
+def _dataset_process(data: Path, mode: str, *remote: Path) -> tuple[subprocess.Popen, set[Path]]:
+    """A process reading the data with streaming (from ``remote`` into ``data`` when given);
+    returns it and the files of its prefix."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(data), mode, *map(str, remote)], env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     prefix = proc.stdout.readline().strip()
     assert prefix.isdigit(), proc.stderr.read()[-3000:]
@@ -175,10 +177,12 @@ def _age(paths, seconds: float = 3600) -> None:
 
 def test_streaming_state_of_a_killed_run_is_removed_by_the_next_and_nothing_live(data, tmp_path):
     """A killed dataset leaves shared memory and locks; the next one removes them, and leaves
-    alone a live dataset's, another user's, and files younger than a minute."""
+    alone a live dataset's, another user's, and files younger than a minute. Both read a
+    remote into the same local directory, as a resumed run does."""
     import tempfile
 
-    dead, dead_files = _dataset_process(data, "hold")
+    cache = tmp_path / "cache"
+    dead, dead_files = _dataset_process(cache, "hold", data)
     assert any(p.parent == Path("/dev/shm") for p in dead_files), dead_files
     os.killpg(dead.pid, signal.SIGKILL)  # with its loader workers: nothing of streaming's exit runs
     dead.wait(timeout=30)
@@ -195,7 +199,7 @@ def test_streaming_state_of_a_killed_run_is_removed_by_the_next_and_nothing_live
             os.chown(p, 65534, 65534)  # another user's job on the node
         _age(dead_files | live_files | set(other))
         assert all(p.exists() for p in dead_files | live_files)
-        nxt, _ = _dataset_process(data, "exit")
+        nxt, _ = _dataset_process(cache, "exit", data)
         assert nxt.wait(timeout=60) == 0, nxt.stderr.read()[-3000:]
         # gone (the next run may have taken the freed prefix: its files are new, not aged)
         assert [p for p in dead_files if p.exists() and time.time() - p.stat().st_mtime > 600] == []

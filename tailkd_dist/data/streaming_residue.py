@@ -4,8 +4,7 @@ Each StreamingDataset registers a numbered prefix on its node: shared-memory obj
 ``/dev/shm/NNNNNN_{locals,barrier,...}`` and two file locks ``$TMPDIR/NNNNNN_{barrier,cache}_filelock``.
 A run that ends normally unlinks the shared memory but never the locks (two files per run,
 and the next run's prefix scan walks past every one of them); a killed run (SIGKILL, OOM, a
-node that is reclaimed) leaves all of it, and a later run with a ``remote`` and the same local
-directory is then refused by streaming ("Reused local directory").
+node that is reclaimed) leaves all of it (its locks keep a later run from registering there).
 
 streaming's own ``clean_stale_shared_memory()`` unlinks every prefix on the node, including
 those of a job that is running beside this one. Here a prefix is removed only when all of
