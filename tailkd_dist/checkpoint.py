@@ -275,9 +275,10 @@ def _all_ok(failure: BaseException | None, adapter) -> bool:
     return bool(flag.item())
 
 
-def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
+def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict, hidden=None) -> str:
     """Every rank calls this. Returns the tag. Raises :class:`CheckpointError` on every rank
-    when any rank fails to write (disk full, permissions), with the previous checkpoint intact."""
+    when any rank fails to write (disk full, permissions), with the previous checkpoint intact.
+    ``hidden``: the hidden-state term, whose projection is kept in each rank's extra state."""
     r = root(cfg.output_dir)
     tag = tag_of(step)
     staging = tag + PARTIAL
@@ -296,7 +297,8 @@ def save(adapter, cfg: TrainConfig, *, step: int, trainer_state: dict) -> str:
         try:
             adapter.save(r, staging)
             os.makedirs(where, exist_ok=True)
-            torch.save(adapter.extra_state(), os.path.join(where, f"extra_rank{rank}.pt"))
+            extra = {**adapter.extra_state(), **(hidden.state_dict() if hidden is not None else {})}
+            torch.save(extra, os.path.join(where, f"extra_rank{rank}.pt"))
             # Fault injection for the crash-during-save tests: a window before COMPLETE.
             delay = float(os.environ.get("TAILKD_TEST_SAVE_DELAY_S", "0"))
             if delay:
@@ -378,7 +380,7 @@ def _run_id(path: str) -> str | None:
 # --------------------------------------------------------------------------- load
 
 
-def load(adapter, cfg: TrainConfig, tag: str) -> dict:
+def load(adapter, cfg: TrainConfig, tag: str, hidden=None) -> dict:
     """Restore engine, head shard, optimizer and RNG; returns the trainer state."""
     r = root(cfg.output_dir)
     path = os.path.join(r, tag)
@@ -388,5 +390,8 @@ def load(adapter, cfg: TrainConfig, tag: str) -> dict:
             f"{extra} is missing: checkpoint {tag} was written by a job with a different world size "
             f"or loss group; resume with the same layout, or export it and start a new run")
     adapter.load(r, tag)
-    adapter.load_extra_state(load_extra(extra))
+    extra = load_extra(extra)
+    adapter.load_extra_state(extra)
+    if hidden is not None:
+        hidden.load_state_dict(extra)
     return read_json(os.path.join(path, "trainer_state.json"))

@@ -13,11 +13,14 @@ else an even spread (student layer i <- teacher layer round((i+1) L_t / L_s) - 1
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from tailkd_dist.models import body_of, decoder_blocks
 from tailkd_dist.staging import read_json
 
 DERIVATION_FILE = "tailkd_derivation.json"
@@ -78,3 +81,110 @@ def cosine_distance_sum(student_states, teacher_states, valid: torch.Tensor) -> 
                  for s, t in zip(student_states, teacher_states)]
     per_pos = torch.stack(per_layer).mean(0)
     return torch.where(valid, per_pos, torch.zeros((), device=per_pos.device)).sum()
+
+
+class HiddenTerm:
+    """The term as a component of the training step: forward hooks on the mapped decoder
+    blocks of both models, the projection and its AdamW. The step opens ``capture(role)``
+    around the forward it wants the layers of; evaluation never does, so it costs nothing
+    there. ``build`` returns None when the term is off (``loss.hidden_weight`` 0)."""
+
+    def __init__(self, *, cfg, teacher, student, device: torch.device):
+        from tailkd_dist.engines.base import decay_groups
+
+        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        layer_map = cfg.loss.hidden_layer_map or default_layer_map(
+            student_layers=ls, teacher_layers=lt, student_path=cfg.models.student.path)
+        check_layer_map(list(layer_map), student_layers=ls, teacher_layers=lt)
+        self.pairs = [(i, j) for i, j in enumerate(layer_map) if j >= 0]
+        self.states: dict[str, list] = {}
+        self._capturing: str | None = None
+        # Hooks on the decoder blocks, not HF's output_hidden_states: they fire the same under
+        # ZeRO-3, FSDP2 and activation-checkpoint wrappers (registered before any wrapping),
+        # and only inside capture(): never during a checkpoint's recompute or an evaluation.
+        for role, model, idx in (("student", student, [i for i, _ in self.pairs]),
+                                 ("teacher", teacher, [j for _, j in self.pairs])):
+            blocks = [block for _, _, block in decoder_blocks(body_of(model))]
+            if len(blocks) != model.config.num_hidden_layers:
+                raise ValueError(f"the {role} has {model.config.num_hidden_layers} layers but {len(blocks)} decoder "
+                                 "blocks were found: the hidden-state term cannot pair them")
+            for slot, k in enumerate(idx):
+                blocks[k].register_forward_hook(self._hook(role, slot))
+        self.projection = HiddenProjection(
+            n_layers=len(self.pairs), student_width=student.config.hidden_size,
+            teacher_width=teacher.config.hidden_size, seed=cfg.seed).to(device)
+        params = list(self.projection.parameters())
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=o.betas,
+                                           eps=o.eps) if params else None
+
+    @classmethod
+    def build(cls, *, cfg, teacher, student, device: torch.device) -> "HiddenTerm | None":
+        if cfg.loss.hidden_weight == 0:
+            return None
+        return cls(cfg=cfg, teacher=teacher, student=student, device=device)
+
+    def _hook(self, role: str, slot: int):
+        def hook(module, args, output):
+            if self._capturing == role:
+                self.states[role][slot] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    @contextlib.contextmanager
+    def capture(self, role: str):
+        """Keep the mapped layers' outputs of the forward run inside the block."""
+        self.states[role] = [None] * len(self.pairs)
+        self._capturing = role
+        try:
+            yield
+        finally:
+            self._capturing = None
+
+    def loss_sum(self, valid: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's valid positions of the cosine term, from the captured states."""
+        s, t = self.states.pop("student"), self.states.pop("teacher")
+        return cosine_distance_sum(self.projection(s), t, valid)
+
+    # ---- its share of the optimizer step
+    def reduce_grads(self, *, group, world_size: int) -> float:
+        """After the last micro-batch: the projection's gradient summed over every rank (each
+        saw its own positions), normalised like the body's; returns its squared norm."""
+        if self.optimizer is None:
+            return 0.0
+        params = [p for p in self.projection.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if group is not None:
+            dist.all_reduce(flat, group=group)
+        flat.div_(world_size)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return float(flat.double().pow(2).sum())
+
+    def step(self, *, lr: float, coef: float) -> None:
+        if self.optimizer is None:
+            return
+        if coef < 1.0:
+            for p in self.projection.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- checkpoints: kept in each rank's extra state, never exported
+    def state_dict(self) -> dict:
+        if self.optimizer is None:
+            return {}
+        return {"aux": self.projection.state_dict(), "aux_opt": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is None:
+            return
+        if "aux" not in state:
+            raise RuntimeError("the checkpoint has no hidden-state projection: it was written without "
+                               "loss.hidden_weight; resume with the same loss settings")
+        self.projection.load_state_dict(state["aux"])
+        self.optimizer.load_state_dict(state["aux_opt"])

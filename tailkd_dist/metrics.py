@@ -69,12 +69,13 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
     kw = loss_kwargs(cfg)
     for batch in batches:
         b = _to(batch, adapter.device)
-        th, sh = adapter.teacher_hidden(b), adapter.student_hidden(b)
+        th, sh = adapter.teacher.hidden(b), adapter.student_hidden(b)
         _, st = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th)
         teacher_ce = torch.zeros((), dtype=torch.float64, device=adapter.device)
-        if adapter.has_teacher:
+        if adapter.teacher.present:
             # The teacher's own NLL: the fused loss with the teacher as "student", CE only.
-            tw, tb = adapter.teacher_weights()
+            head = adapter.teacher.head()
+            tw, tb = head.weight.detach(), None if head.bias is None else head.bias.detach()
             _, tst = fused_linear_distill(
                 th, tw, th, tw, b["labels"], **{**kw, "divergence": "none"}, student_bias=tb,
                 teacher_bias=tb, vocab_group=adapter.loss_group)
@@ -82,7 +83,6 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
         sums += torch.stack([st[k].double() for k in STAT_KEYS] + [teacher_ce])
         ece += full_ece_bins(sh, adapter.student_head.weight, adapter.student_head.bias, b["labels"],
                              bins=cfg.eval.ece_bins, group=adapter.loss_group)
-        adapter.last_states.clear()  # the hidden-state term's layers are not evaluated
     if world is not None:
         dist.all_reduce(sums, group=world)
         dist.all_reduce(ece, group=world)
@@ -93,7 +93,7 @@ def evaluate(adapter, batches, cfg) -> dict[str, float]:
     out = {"student_nll": v["ce"] / n, "full_ece": float((ece[0] - ece[1]).abs().sum() / n),
            "tokens": v["valid_count"]}
     out["student_ppl"] = math.exp(min(out["student_nll"], 50.0))
-    if adapter.has_teacher:  # without a teacher (CE only) these would be the student's own
+    if adapter.teacher.present:  # without a teacher (CE only) these would be the student's own
         out.update({"teacher_nll": v["teacher_ce"] / n, "top1_agreement": v["top1_agree"] / n,
                     "kl": v["kl"] / n, "d1": v["d1"] / n, "at_d2": v["at_d2"] / n, "kd": v["kd"] / n})
         out["teacher_ppl"] = math.exp(min(out["teacher_nll"], 50.0))

@@ -6,6 +6,7 @@ only needs the labels), which costs one all-reduce per step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.config import TrainConfig
+from tailkd_dist.engines.base import clip_coefficient
 from tailkd_dist.losses import STAT_KEYS, fused_linear_distill
 
 IGNORE_INDEX = -100
@@ -51,6 +53,10 @@ class StepResult:
     monitored: bool = True  # the loss's monitoring statistics were computed (else NaN in stats)
 
 
+def _captured(hidden, role: str):
+    return contextlib.nullcontext() if hidden is None else hidden.capture(role)
+
+
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -68,19 +74,40 @@ ROW_PASSES = {"auto": None, "compiled": True, "eager": False}
 
 def distill_loss(adapter, batch, cfg: TrainConfig, *, student_hidden, teacher_hidden, stats: bool = True):
     """The fused loss of one micro-batch on this rank (sums over its own positions)."""
-    t_weight, t_bias = adapter.teacher_weights()
-    if teacher_hidden is None:  # CE-only training without a teacher
-        teacher_hidden = student_hidden.detach()
+    student = adapter.student_head
+    teacher = adapter.teacher.head()
+    if teacher_hidden is None:  # CE-only training: the student's own outputs, detached, stand in
+        teacher_hidden, teacher = student_hidden.detach(), student
+    t_bias = None if teacher.bias is None else teacher.bias.detach()
     return fused_linear_distill(
-        student_hidden, adapter.student_head.weight, teacher_hidden, t_weight,
-        batch["labels"], doc_ids=loss_doc_ids(batch, cfg), student_bias=adapter.student_head.bias,
+        student_hidden, student.weight, teacher_hidden, teacher.weight.detach(),
+        batch["labels"], doc_ids=loss_doc_ids(batch, cfg), student_bias=student.bias,
         teacher_bias=t_bias, vocab_group=adapter.loss_group, stats=stats, **loss_kwargs(cfg),
     )
 
 
-def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfig, stats: bool = True) -> StepResult:
+def optimizer_step(adapter, hidden, *, lr: float, grad_clip: float) -> float:
+    """After the last micro-batch: final gradients, the global norm over everything trained
+    (one host sync: the clip decision needs it), clipping, the step. Returns the norm."""
+    adapter.finish_grads()
+    extra_sq = 0.0 if hidden is None else hidden.reduce_grads(
+        group=adapter.topo.group("world"), world_size=adapter.grad_replica_factor)
+    total = math.sqrt(float(adapter.grad_sq_norm()) + extra_sq)
+    if not math.isfinite(total):
+        raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
+    coef = clip_coefficient(total, grad_clip)
+    if coef < 1.0:
+        adapter.clip_grads(coef)
+    adapter.apply_step(lr)
+    if hidden is not None:
+        hidden.step(lr=lr, coef=coef)
+    return total
+
+
+def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfig, stats: bool = True,
+               hidden=None) -> StepResult:
     """One optimizer step; ``stats``: compute the loss's monitoring statistics (a step that
-    is logged), else only the losses."""
+    is logged), else only the losses. ``hidden``: the hidden-state term (hidden.HiddenTerm)."""
     device = adapter.device
     world = adapter.topo.group("world")
     batches = [_to(b, device) for b in micro_batches]
@@ -98,13 +125,15 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
     adapter.train()
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        th = adapter.teacher_hidden(b)
+        with _captured(hidden, "teacher"):
+            th = adapter.teacher.hidden(b)
         t1 = time.perf_counter()
-        sh = adapter.student_hidden(b)
+        with _captured(hidden, "student"):
+            sh = adapter.student_hidden(b)
         t2 = time.perf_counter()
         loss_sum, loss_stats = distill_loss(adapter, b, cfg, student_hidden=sh, teacher_hidden=th, stats=stats)
-        cos_sum = adapter.hidden_term_sum(b["labels"] != IGNORE_INDEX)
-        if cos_sum is not None:
+        if hidden is not None:
+            cos_sum = hidden.loss_sum(b["labels"] != IGNORE_INDEX)
             loss_sum = loss_sum + cfg.loss.hidden_weight * cos_sum
             hidden_sum += cos_sum.detach().to(torch.float64)
         t3 = time.perf_counter()
@@ -118,7 +147,7 @@ def train_step(adapter, micro_batches: list[dict], *, step: int, cfg: TrainConfi
             adapter.micro_step()
     lr = lr_at(step, cfg)
     t0 = time.perf_counter()
-    grad_norm = adapter.step(lr=lr, grad_clip=cfg.optim.grad_clip)
+    grad_norm = optimizer_step(adapter, hidden, lr=lr, grad_clip=cfg.optim.grad_clip)
     times["optimizer"] = time.perf_counter() - t0
     sums = torch.cat([sums, hidden_sum.view(1)])
     if world is not None:

@@ -20,6 +20,7 @@ import torch
 
 from tailkd_dist import checkpoint
 from tailkd_dist.config import TrainConfig, check_k_fits, load_config, resolve_loss_group
+from tailkd_dist.hidden import HiddenTerm
 from tailkd_dist.metrics import TensorBoard, evaluate, step_scalars
 from tailkd_dist.models import build_model, plan_vocab, resolve_dtype, tokenizer_dir
 from tailkd_dist.parallel.topology import Topology, validate_degrees, DistEnv
@@ -255,6 +256,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     check_k_fits(cfg, plan.vocab)
     train_loader, eval_cfg = make_loaders(cfg, tok_dir=tok, vocab=plan.vocab)
 
+    # The hidden-state term's hooks go on the blocks before an engine wraps them.
+    hidden = HiddenTerm.build(cfg=cfg, teacher=teacher, student=student, device=topo.device)
     adapter = make_adapter(cfg, topo, teacher, student, plan.vocab, dtype)
     del teacher, student
     path, compile_said = row_path(adapter.device, ROW_PASSES[cfg.loss.row_passes]), 0
@@ -263,7 +266,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         log.info("loss chunks: %s", chunk_reason(cfg, device=adapter.device, vocab=plan.vocab))
     start_step, tokens_seen, run_id = 0, 0, checkpoint.new_run_id()
     if tag is not None:
-        state = checkpoint.load(adapter, cfg, tag)
+        state = checkpoint.load(adapter, cfg, tag, hidden=hidden)
         start_step, tokens_seen = state["step"], state["tokens"]
         if rank0:
             _drop_records_after(cfg, start_step)
@@ -285,7 +288,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             "body_prefix": adapter.body_prefix, "tokenizer_dir": tok, "vocab_note": plan.note,
             "run_id": run_id, "model_shapes": shapes,
         }
-        return checkpoint.save(adapter, cfg, step=step, trainer_state=trainer_state)
+        return checkpoint.save(adapter, cfg, step=step, trainer_state=trainer_state, hidden=hidden)
 
     history = []
     it = iter(train_loader)
@@ -309,7 +312,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                     it = iter(train_loader)
                     fresh_epoch = True
             fault_pause("loop")
-            res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg))
+            res = train_step(adapter, micro, step=step, cfg=cfg, stats=_logged(step + 1, cfg), hidden=hidden)
             step += 1
             if rank0 and path.compiled and compile_said < rowpass.COMPILE_STATS["graphs"]:
                 # Compilation happens on first use (the first step; a logged or an eval step

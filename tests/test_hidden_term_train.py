@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import REPO, TEACHER, env, losses, run, step_records, write_config
+from trainer_utils import REPO, TEACHER, close_by_step, env, grad_norms, losses, run, step_records, write_config
 
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
@@ -61,7 +61,6 @@ def test_hidden_term_agrees_across_layouts(data, tmp_path):
     for name, extra in cases.items():
         cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, **kw, **extra)
         run(cfg, launcher="torchrun", nproc=2)
-        got = losses(tmp_path / name)
-        assert sorted(got) == sorted(ref)
-        for s in ref:
-            assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (name, s, got[s], ref[s])
+        close_by_step(losses(tmp_path / name), ref, 1e-5, f"{name} loss")
+        # the gradients' scale too (the projection's included), which AdamW hides in the losses
+        close_by_step(grad_norms(tmp_path / name), grad_norms(tmp_path / "single"), 1e-5, f"{name} grad norm")

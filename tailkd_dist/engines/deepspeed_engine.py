@@ -10,15 +10,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups
-from tailkd_dist.models import is_partitioned
+from tailkd_dist.engines.base import EngineAdapter, decay_groups, rng_state, set_rng_state
+from tailkd_dist.models import is_partitioned, lm_head_of
+from tailkd_dist.parallel.lm_head import ShardedHead
 from tailkd_dist.parallel.single import init_single_process_group
 
 
@@ -166,11 +166,12 @@ class DeepSpeedAdapter(EngineAdapter):
             raise ValueError(f"{cfg.engine.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
         ensure_torch_distributed()
         self.stage = stage
+        self._init_heads(teacher=teacher, student=student, vocab=vocab)
         # Drop the lm_heads from the bodies' parameter sets: the shards own those rows now.
         # (a body loaded into ZeRO-3 partitions already has the config's dtype)
         if not is_partitioned(self.student_body):
             self.student_body.to(dtype)
-        if self.has_teacher and not is_partitioned(self.teacher_body):
+        if teacher is not None and not is_partitioned(self.teacher_body):
             self.teacher_body.to(dtype)
         optimizer = None
         if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)
@@ -180,12 +181,28 @@ class DeepSpeedAdapter(EngineAdapter):
             model=self.student_body, optimizer=optimizer, config=ds_cfg,
             model_parameters=None if optimizer is not None else decay_groups(self.student_body.parameters(), o.weight_decay),
         )
-        self.teacher_engine = None
-        if self.has_teacher:
-            self.teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
-            self.teacher_engine.eval()
-        self.student_module, self.teacher_module = self.engine, self.teacher_engine
-        self.world = W
+        teacher_engine = None
+        if teacher is not None:
+            teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
+            teacher_engine.eval()
+        self.student_module = self.engine
+        self.teacher = self._teacher(teacher_engine, self.teacher_head)
+        # DeepSpeed averages the body's gradients over the W ranks, so the loss is scaled by W
+        # (loss_scale): a gradient it does not reduce is W times its rank's share.
+        self.grad_replica_factor = float(W)
+        self._body_norm = 0.0
+
+    def _init_heads(self, *, teacher, student, vocab: int) -> None:
+        """The heads as vocabulary shards outside DeepSpeed (parallel/lm_head.py), the
+        student's with its own AdamW."""
+        lr, ls = self.topo.loss_rank, self.topo.loss_size
+        self.student_head = ShardedHead.from_linear(
+            lm_head_of(student), vocab=vocab, rank=lr, size=ls, trainable=True).to(self.device)
+        self.teacher_head = None if teacher is None else ShardedHead.from_linear(
+            lm_head_of(teacher), vocab=vocab, rank=lr, size=ls, trainable=False).to(self.device)
+        o = self.cfg.optim
+        self.head_opt = torch.optim.AdamW(
+            decay_groups(self.student_head.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
 
     def train(self):
         self.engine.train()
@@ -193,48 +210,55 @@ class DeepSpeedAdapter(EngineAdapter):
     def eval(self):
         self.engine.eval()
 
+    # -- the step ---------------------------------------------------------------------------
     def loss_scale(self, n_global):
-        return self.cfg.optim.grad_accum * self.world / n_global
+        return self.cfg.optim.grad_accum * self.grad_replica_factor / n_global
 
     def backward(self, loss) -> None:
         self.engine.backward(loss)
 
-    def finish_head_grads(self) -> None:
-        self.student_head.finish_grads(self.topo.group("dp"), divide_by=self.world)
+    def micro_step(self) -> None:
+        """Between micro-batches DeepSpeed wants step() too (it only counts there)."""
+        self.engine.step()
 
-    def body_grad_sq_norm(self) -> torch.Tensor:
+    def finish_grads(self) -> None:
+        """The head shard's gradient summed over its replicas, divided once by W."""
+        assert self.engine.is_gradient_accumulation_boundary()
+        self.student_head.finish_grads(self.topo.group("dp"), divide_by=self.grad_replica_factor)
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """|body|^2 (read from the ZeRO optimizer, already all-reduced) + |all head shards|^2."""
+        head_sq = self.student_head.grad_sq_norm().to(self.device)
+        if self.loss_group is not None:
+            dist.all_reduce(head_sq, group=self.loss_group)  # shards differ within a loss group
         opt = self.engine.optimizer
-        # The same functions the ZeRO optimizers' own step() uses (already all-reduced).
+        # The same functions the ZeRO optimizers' own step() uses.
         if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
             norm = opt.scaled_global_norm()
         else:  # ZeRO-3
             norms = opt._get_norm_groups()
             norm = torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).pow(2).sum().sqrt()
         norm = torch.as_tensor(norm, dtype=torch.float32) / float(getattr(opt, "loss_scale", 1.0))
-        return norm.pow(2)
+        body_sq = norm.pow(2).to(head_sq)
+        self._body_norm = float(body_sq.sqrt())  # for clip_grads (one host sync, as the clip decision)
+        return body_sq + head_sq
 
-    def micro_step(self) -> None:
-        """Between micro-batches DeepSpeed wants step() too (it only counts there)."""
-        self.engine.step()
+    def clip_grads(self, coef: float) -> None:
+        """The heads now; the body inside DeepSpeed's step: its clip_grad for this step is set
+        so that its own clipping (max_norm / body norm) scales the body by ``coef`` too."""
+        self.engine.optimizer.clip_grad = coef * self._body_norm if coef < 1.0 else 0.0
+        if coef < 1.0:
+            for p in self.student_head.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
 
-    def step(self, *, lr: float, grad_clip: float) -> float:
-        """The optimizer step at the accumulation boundary; returns the global grad norm."""
-        assert self.engine.is_gradient_accumulation_boundary()
-        self.finish_head_grads()
-        total, body = self.global_grad_norm(extra_sq=self.aux_prepare())
-        if not math.isfinite(total):
-            raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
-        coef = clip_coefficient(total, grad_clip)
-        self.engine.optimizer.clip_grad = grad_clip * body / total if coef < 1.0 else 0.0
-        self.clip_head(coef)
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
-        self.set_lr(lr)
+    def apply_step(self, lr: float) -> None:
+        for opt in (self.engine.optimizer, self.head_opt):
+            for g in opt.param_groups:
+                g["lr"] = lr
         self.engine.step()
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
-        self.aux_step(lr=lr, coef=coef)
-        return total
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, ckpt_dir: str, tag: str) -> None:
@@ -245,6 +269,20 @@ class DeepSpeedAdapter(EngineAdapter):
                                               load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+
+    def extra_state(self) -> dict:
+        """Per rank: the head shard and its optimizer, the rows beyond the vocabulary, RNG."""
+        return {"student_head": self.student_head.state_dict(), "head_opt": self.head_opt.state_dict(),
+                "student_extra_rows": self.student_extra_rows, "rng": rng_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.student_head.load_state_dict(state["student_head"])
+        self.head_opt.load_state_dict(state["head_opt"])
+        set_rng_state(state["rng"])
+
+    # -- export -----------------------------------------------------------------------------
+    def full_student_head(self):
+        return self.student_head.gather_full(self.loss_group)
 
     def body_state_dict(self) -> dict | None:
         """The student body's full fp32 state dict on rank 0 (None elsewhere), gathered one

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from tailkd_dist.engines.base import EngineAdapter, clip_coefficient, decay_groups, rng_state, set_rng_state
+from tailkd_dist.engines.base import EngineAdapter, decay_groups, rng_state, set_rng_state
 from tailkd_dist.models import decoder_blocks, lm_head_of
 from tailkd_dist.parallel.single import init_single_process_group
 
@@ -218,16 +217,12 @@ class FSDP2Adapter(EngineAdapter):
             self.teacher_body.eval()
 
         self.student = _Student(self.student_body, self.student_lm_head)
-        self.student_module, self.teacher_module = self.student_body, self.teacher_body
+        self.student_module = self.student_body
+        self.teacher = self._teacher(self.teacher_body, self.teacher_head)
+        self.grad_replica_factor = 1.0  # FSDP sums the ranks' gradients (divide factor 1)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             decay_groups(self.student.parameters(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-
-    def _init_heads(self, *, teacher, student, vocab):
-        """The heads live in the sharded student here (built in __init__ once the mesh exists);
-        there is no separate head optimizer."""
-        self.has_teacher = teacher is not None
-        self.student_head = self.teacher_head = self.head_opt = None
 
     def _make_head(self, model, *, trainable: bool, dtype: torch.dtype, role: str) -> VocabShardedHead:
         head = lm_head_of(model)
@@ -252,7 +247,7 @@ class FSDP2Adapter(EngineAdapter):
     def micro_step(self) -> None:
         """FSDP2 reduce-scatters every micro-batch and sums into the sharded gradients."""
 
-    def finish_head_grads(self) -> None:
+    def finish_grads(self) -> None:
         """The head gradient: summed over the replicas (HSDP), as FSDP sums the body's."""
         for p in self.student_lm_head.parameters():
             if p.grad is None:
@@ -260,26 +255,24 @@ class FSDP2Adapter(EngineAdapter):
             if tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)  # Partial("dp") -> Replicate: all-reduce
 
-    def step(self, *, lr: float, grad_clip: float) -> float:
-        """The optimizer step after the last micro-batch; returns the global grad norm."""
-        self.finish_head_grads()
-        aux_sq = self.aux_prepare()
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.student.parameters() if p.grad is not None]
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """One reduction per mesh dimension over the body and head DTensors."""
+        norm = torch.nn.utils.get_total_norm(self._grads(), norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # partial sums over the shard dim -> the global norm
-        total = math.sqrt(float(norm) ** 2 + aux_sq)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
-        coef = clip_coefficient(total, grad_clip)
-        if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
+        return norm.double().pow(2)
+
+    def clip_grads(self, coef: float) -> None:
+        torch._foreach_mul_(self._grads(), coef)
+
+    def apply_step(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.aux_step(lr=lr, coef=coef)
-        return total
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self):
@@ -313,11 +306,10 @@ class FSDP2Adapter(EngineAdapter):
 
     def extra_state(self) -> dict:
         """Per rank: RNG states (model, head and optimizer are in the DCP files)."""
-        return {"student_extra_rows": self.student_extra_rows, "rng": rng_state(), **self.aux_state()}
+        return {"student_extra_rows": self.student_extra_rows, "rng": rng_state()}
 
     def load_extra_state(self, state: dict) -> None:
         set_rng_state(state["rng"])
-        self.load_aux_state(state)
 
     # -- export -----------------------------------------------------------------------------
     def body_state_dict(self) -> dict | None:
