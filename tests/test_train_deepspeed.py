@@ -13,7 +13,7 @@ import time
 import pytest
 
 from trainer_utils import (
-    REPO, STUDENT, TEACHER, close_by_step, command, env, grad_norms, kill_one_worker, losses, run, wait_for_step, write_config,
+    REPO, STUDENT, TEACHER, close_by_step, command, env, grad_norms, losses, run, write_config,
 )
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
@@ -99,32 +99,6 @@ def test_model_directories_load_into_zero3_partitions(data, tmp_path):
     for name, w in want.items():
         assert got[name].shape == w.shape, name
         assert (got[name] - w).norm() <= 1e-4 * w.norm(), name
-
-
-@pytest.mark.slow
-def test_sigkill_a_rank_then_resume_is_exact(data, tmp_path):
-    kw = dict(optim__max_steps=6, checkpoint__every_steps=2, checkpoint__export_hf_at_end=False,
-              loss__loss_group_size=2, engine__ds_config=str(REPO / "ds_configs/zero3.json"))
-    full = write_config(tmp_path / "full.yaml", data, tmp_path / "full", **kw)
-    run(full, launcher="torchrun", nproc=2)
-    ref = losses(tmp_path / "full")
-
-    cfg = write_config(tmp_path / "killed.yaml", data, tmp_path / "killed", **kw)
-    proc = subprocess.Popen(command(cfg, launcher="torchrun", nproc=2), env=env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "killed", 3, proc)
-    kill_one_worker(proc)
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
-    assert (tmp_path / "killed/checkpoints/latest").read_text().strip() in ("step_00000002", "step_00000004")
-    out = run(cfg, launcher="torchrun", nproc=2)
-    assert "resumed from step_0000000" in out.stderr + out.stdout
-    # The resumed run restores weights, optimizer, head shards, RNG and the loader position;
-    # gloo reduces in a fixed order, so the re-run steps should be bitwise equal. 1e-6 leaves
-    # room for BLAS thread scheduling, far below any real divergence.
-    # losses() also checks that metrics.jsonl holds each step once (the resumed run dropped the
-    # records of the steps after its checkpoint, and re-ran them)
-    close_by_step(losses(tmp_path / "killed"), ref, 1e-6, "resumed")
 
 
 @pytest.mark.slow
