@@ -83,3 +83,11 @@ def test_every_collective_matches_gloo_at_world_size_one():
     assert sorted(ours) == sorted(gloo)
     for name in gloo:
         assert ours[name] == gloo[name], name
+
+
+def test_refused_where_the_launcher_says_there_are_more_ranks():
+    """A job of 2 whose group was never built must not quietly train as 2 separate jobs of 1."""
+    done = subprocess.run([sys.executable, "-c", "from tailkd_dist.parallel.single import init_single_process_group; "
+                           "init_single_process_group()"], env={**env(), "WORLD_SIZE": "2"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "WORLD_SIZE=2" in done.stderr, done.stderr[-2000:]

@@ -68,12 +68,14 @@ def worker(model_dir: str, mode: str) -> None:
     from tailkd_dist.config import ModelSpec
     from tailkd_dist.engines.deepspeed_engine import ensure_torch_distributed
     from tailkd_dist.models import build_model
+    from tailkd_dist.parallel.topology import DistEnv, Topology
 
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM  # imported before zero.Init patches module construction
 
     assert AutoModelForCausalLM
 
+    Topology.build(loss_group_size=1, env=DistEnv.from_environ(), timeout_s=600)  # the trainer's process group
     ensure_torch_distributed()
     world = dist.get_world_size()
     zero3, dtype = None, torch.float32  # "whole": what train.py does without engine.sharded_load

@@ -14,6 +14,8 @@ hands such a group the collectives by name (``allreduce``, ``all_gather_single``
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
@@ -155,5 +157,9 @@ def init_single_process_group() -> None:
     """World size 1: the default process group is a ``OneRankGroup`` over an in-memory store."""
     if dist.is_initialized():
         return
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched != "1":
+        raise RuntimeError(f"the launcher says WORLD_SIZE={launched}, but no process group was initialised: "
+                           "build the job's group first (parallel.topology.Topology.build)")
     _register()
     dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=1)
