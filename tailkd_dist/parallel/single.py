@@ -127,14 +127,10 @@ class OneRankGroup(dist.ProcessGroup):
         return self.all_gather_single_coalesced(outputs, inputs, opts)
 
     def scatter(self, outputs, inputs, opts=None):
-        for out, inp in zip(outputs, inputs, strict=True):
-            _copy(out, inp[0])
-        return _done(outputs)
+        return self.reduce_scatter(outputs, inputs, opts)
 
     def alltoall(self, outputs, inputs, opts=None):
-        for out, inp in zip(outputs, inputs, strict=True):
-            _copy(out, inp)
-        return _done(outputs)
+        return self.all_gather_single_coalesced(outputs, inputs, opts)
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         _copy(output, input)
