@@ -97,6 +97,7 @@ class HiddenTerm:
             student_layers=ls, teacher_layers=lt, student_path=cfg.models.student.path)
         check_layer_map(list(layer_map), student_layers=ls, teacher_layers=lt)
         self.pairs = [(i, j) for i, j in enumerate(layer_map) if j >= 0]
+        self.device = device
         self.states: dict[str, list] = {}
         self._capturing: str | None = None
         # Hooks on the decoder blocks, not HF's output_hidden_states: they fire the same under
@@ -146,21 +147,22 @@ class HiddenTerm:
         return cosine_distance_sum(self.projection(s), t, valid)
 
     # ---- its share of the optimizer step
-    def reduce_grads(self, *, group, world_size: int) -> float:
+    def reduce_grads(self, *, group, divide_by: float) -> torch.Tensor:
         """After the last micro-batch: the projection's gradient summed over every rank (each
-        saw its own positions), normalised like the body's; returns its squared norm."""
-        if self.optimizer is None:
-            return 0.0
+        saw its own positions) and divided like the body's (``Engine.grad_replica_factor``);
+        returns its squared norm, a float64 tensor (the caller syncs once for all norms)."""
         params = [p for p in self.projection.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         if group is not None:
             dist.all_reduce(flat, group=group)
-        flat.div_(world_size)
+        flat.div_(divide_by)
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
-        return float(flat.double().pow(2).sum())
+        return flat.double().pow(2).sum()
 
     def step(self, *, lr: float, coef: float) -> None:
         if self.optimizer is None:

@@ -90,9 +90,10 @@ def optimizer_step(adapter, hidden, *, lr: float, grad_clip: float) -> float:
     """After the last micro-batch: final gradients, the global norm over everything trained
     (one host sync: the clip decision needs it), clipping, the step. Returns the norm."""
     adapter.finish_grads()
-    extra_sq = 0.0 if hidden is None else hidden.reduce_grads(
-        group=adapter.topo.group("world"), world_size=adapter.grad_replica_factor)
-    total = math.sqrt(float(adapter.grad_sq_norm()) + extra_sq)
+    sq = adapter.grad_sq_norm().double()
+    if hidden is not None:
+        sq = sq + hidden.reduce_grads(group=adapter.topo.group("world"), divide_by=adapter.grad_replica_factor)
+    total = math.sqrt(float(sq))  # the step's one host sync: the clip decision needs the value
     if not math.isfinite(total):
         raise FloatingPointError(f"gradient norm is {total}: stopping instead of training on NaN/inf")
     coef = clip_coefficient(total, grad_clip)

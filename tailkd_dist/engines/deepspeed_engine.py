@@ -190,7 +190,8 @@ class DeepSpeedAdapter(EngineAdapter):
         # DeepSpeed averages the body's gradients over the W ranks, so the loss is scaled by W
         # (loss_scale): a gradient it does not reduce is W times its rank's share.
         self.grad_replica_factor = float(W)
-        self._body_norm = 0.0
+        self._body_sq: torch.Tensor | None = None
+        self._clip_body = 0.0  # DeepSpeed's clip_grad for the next step (set by clip_grads)
 
     def _init_heads(self, *, teacher, student, vocab: int) -> None:
         """The heads as vocabulary shards outside DeepSpeed (parallel/lm_head.py), the
@@ -239,23 +240,22 @@ class DeepSpeedAdapter(EngineAdapter):
             norms = opt._get_norm_groups()
             norm = torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).pow(2).sum().sqrt()
         norm = torch.as_tensor(norm, dtype=torch.float32) / float(getattr(opt, "loss_scale", 1.0))
-        body_sq = norm.pow(2).to(head_sq)
-        self._body_norm = float(body_sq.sqrt())  # for clip_grads (one host sync, as the clip decision)
-        return body_sq + head_sq
+        self._body_sq = norm.pow(2).to(head_sq)  # kept for clip_grads
+        return self._body_sq + head_sq
 
     def clip_grads(self, coef: float) -> None:
         """The heads now; the body inside DeepSpeed's step: its clip_grad for this step is set
         so that its own clipping (max_norm / body norm) scales the body by ``coef`` too."""
-        self.engine.optimizer.clip_grad = coef * self._body_norm if coef < 1.0 else 0.0
-        if coef < 1.0:
-            for p in self.student_head.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        self._clip_body = coef * float(self._body_sq.sqrt())
+        for p in self.student_head.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
     def apply_step(self, lr: float) -> None:
         for opt in (self.engine.optimizer, self.head_opt):
             for g in opt.param_groups:
                 g["lr"] = lr
+        self.engine.optimizer.clip_grad, self._clip_body = self._clip_body, 0.0  # 0: no clipping
         self.engine.step()
         self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
