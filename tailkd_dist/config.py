@@ -16,7 +16,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tailkd_dist.losses.common import DIVERGENCES
-from tailkd_dist.model_files import check_model_dir
+from tailkd_dist.model_files import check_model_dir, check_model_type, check_tokenizer_dir
 from tailkd_dist.staging import check_creatable_dir, write_atomic
 
 # The field types carry their rules (type, range, finiteness, allowed values): pydantic checks
@@ -95,7 +95,9 @@ class DataConfig:
     train_split: Text = "train"
     """Split to train on."""
     eval_split: Text = "validation"
-    """Held-out split for evaluation."""
+    """Held-out split for evaluation. A split the shards lack is refused at start, unless it is
+    this default name and no periodic evaluation is asked for (then the run does not evaluate,
+    and says so)."""
     micro_batch_size: AtLeast1 = 4
     """Rows of seq_len tokens per rank per micro-batch."""
     num_workers: AtLeast0 = 0
@@ -420,6 +422,11 @@ def validate(cfg: TrainConfig) -> None:
     check_creatable_dir(cfg.output_dir, key="output_dir")
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg.models, role)
+        if spec.tokenizer is not None:
+            try:
+                check_tokenizer_dir(spec.tokenizer)
+            except ValueError as e:
+                raise ValueError(f"config key 'models.{role}.tokenizer' = {spec.tokenizer!r}: {e}") from None
         if role == "teacher" and spec.path is None and spec.config is None and cfg.loss.divergence == "none":
             continue  # CE-only training needs no teacher
         if (spec.path is None) == (spec.config is None):
@@ -430,8 +437,10 @@ def validate(cfg: TrainConfig) -> None:
                 check_model_dir(spec.path)
             except ValueError as e:
                 raise ValueError(f"config key 'models.{role}.path' = {spec.path!r}: {e}") from None
-        if spec.config is not None and "model_type" not in spec.config:
-            raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
+        if spec.config is not None:
+            if "model_type" not in spec.config:
+                raise ValueError(f"config key 'models.{role}.config' needs a 'model_type' (e.g. llama)")
+            check_model_type(spec.config["model_type"], where=f"config key 'models.{role}.config'")
 
 
 def check_k_fits(cfg: TrainConfig, vocab: int) -> None:

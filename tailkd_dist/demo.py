@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from tailkd_dist import __version__
+from tailkd_dist.user_error import say_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -616,9 +617,7 @@ def main(argv=None) -> int:
     try:
         return _main(args, t_start)
     except ValueError as e:
-        # one write: ranks share the pipe, and print's two writes interleave
-        sys.stderr.write(f"tailkd-demo: error: {e}\n")
-        sys.stderr.flush()
+        say_error("tailkd-demo", e)
         return 2
 
 
@@ -665,8 +664,7 @@ def _main(args, t_start: float) -> int:
                                 label="4/5 KL", title="the same student, same seed and batches, with forward KL"))
     rc = launch_worker({"stages": stages}, out / "plan.json", nproc=nproc)
     if rc != 0:
-        print(f"tailkd-demo: error: the training worker failed (exit {rc}); see the messages above",
-              file=sys.stderr, flush=True)
+        say_error("tailkd-demo", f"the training worker failed (exit {rc}); see the messages above")
         return 1
 
     _say("\n[5/5 report]")

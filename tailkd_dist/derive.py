@@ -71,6 +71,7 @@ from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
 from tailkd_dist.model_files import check_model_dir
 from tailkd_dist.signals import unwind_on_signals
 from tailkd_dist.staging import check_replaceable, staged_dir
+from tailkd_dist.user_error import say_error
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
 # once.
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             derive(DeriveConfig(**vars(args)))
         except ValueError as error:
-            print(f"{PROG}: error: {error}", file=sys.stderr)
+            say_error(PROG, error)
             return 2
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tailkd_dist.staging import check_replaceable, staged_dir
+from tailkd_dist.user_error import say_error
 
 log = logging.getLogger("tailkd_dist")
 
@@ -151,7 +152,6 @@ def export_checkpoint(run_dir: str, out_dir: str, *, tag: str | None = None) -> 
 def main(argv=None) -> int:
     """tailkd-export-hf RUN_DIR OUT_DIR [--tag step_00000100]"""
     import argparse
-    import sys
 
     from tailkd_dist.staging import describe_write_error
 
@@ -165,11 +165,11 @@ def main(argv=None) -> int:
     try:
         export_checkpoint(args.run_dir, args.out_dir, tag=args.tag)
     except ValueError as e:
-        print(f"tailkd-export-hf: error: {e}", file=sys.stderr)
+        say_error("tailkd-export-hf", e)
         return 2
     except OSError as e:  # disk full, permissions: the staging directory is already gone
-        print(f"tailkd-export-hf: error: {describe_write_error(e)}; {args.out_dir} was not written or changed, "
-              "and the run directory is untouched", file=sys.stderr)
+        say_error("tailkd-export-hf", f"{describe_write_error(e)}; {args.out_dir} was not written or changed, "
+                  "and the run directory is untouched")
         return 2
     print(f"wrote {args.out_dir}")
     return 0

@@ -46,6 +46,20 @@ def check_safetensors(path: Path) -> None:
                          "model again")
 
 
+def check_model_type(model_type: object, *, where: str) -> None:
+    """ValueError unless ``model_type`` names an architecture this transformers builds (its own
+    error lists all ~400 known types in one message, and comes only once the model is loaded)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"{where} names no model_type: not a Hugging Face model config")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{where}: model_type {model_type!r} is not an architecture transformers "
+                         f"{transformers.__version__} knows: a typo, or a model that needs a newer transformers "
+                         "(remote code is never run)")
+
+
 def check_model_dir(path: str | os.PathLike) -> None:
     """ValueError (one line, naming the file) unless ``path`` holds a readable config.json with
     a model_type and complete weights: one safetensors file, or the shards its index names (each
@@ -56,8 +70,7 @@ def check_model_dir(path: str | os.PathLike) -> None:
     if not (d / CONFIG).is_file():
         raise ValueError(f"{d} has no {CONFIG}: not a Hugging Face model directory (save one with save_pretrained)")
     config = read_json(d / CONFIG, fix="copy or save the model again")
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ValueError(f"{d / CONFIG} names no model_type: not a Hugging Face model config")
+    check_model_type(config.get("model_type") if isinstance(config, dict) else None, where=str(d / CONFIG))
     if (d / SAFETENSORS).is_file():
         check_safetensors(d / SAFETENSORS)
     elif (d / SAFETENSORS_INDEX).is_file():
@@ -72,3 +85,23 @@ def check_model_dir(path: str | os.PathLike) -> None:
     elif not ((d / PICKLED).is_file() or (d / PICKLED_INDEX).is_file()):
         raise ValueError(f"{d} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, {PICKLED} or "
                          f"{PICKLED_INDEX}): copy the model again or save it with save_pretrained")
+
+
+def check_tokenizer_dir(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` is a directory holding an HF tokenizer's files (those that are
+    JSON must parse): a tokenizer the config names is never silently skipped, and a damaged one
+    is found before training, not at the export after it."""
+    from tailkd_dist.data.tokenizer import TOKENIZER_FILES
+
+    d = Path(path)
+    if not d.is_dir():
+        what = "is not a directory" if d.exists() else ": no such directory"
+        raise ValueError(f"{d}{' ' * d.exists()}{what} (give a directory written by tokenizer.save_pretrained)")
+    present = [n for n in TOKENIZER_FILES if (d / n).is_file()]
+    if not present:
+        raise ValueError(f"{d} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}): give a "
+                         "directory written by tokenizer.save_pretrained")
+    for name in present:
+        if name.endswith(".json"):
+            read_json(d / name, fix="save the tokenizer again")
+

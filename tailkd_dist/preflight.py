@@ -67,6 +67,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tailkd_dist.user_error import say_error
+
 GIB = 2**30
 HEADROOM = 0.9  # the estimate must fit in this fraction of the device's memory
 RUNTIME_GPU = 1.5 * GIB  # CUDA context, NCCL buffers, allocator slack
@@ -501,20 +503,19 @@ def variant_of(lay: _Layout, **kw) -> _Layout:
 # --------------------------------------------------------------------------------------------
 # The preflight
 # --------------------------------------------------------------------------------------------
-def _ds_json(path: str, values: dict, report: Report, key: str) -> dict | None:
-    from tailkd_dist.engines.deepspeed_engine import load_ds_config
-
+def _ds_json(load, cfg, report: Report, **kw) -> dict | None:
+    """A DeepSpeed config as the engine loads it (``load``: student_ds_config or
+    teacher_ds_config, which hold its rules); a problem is reported, not raised."""
     try:
-        return load_ds_config(path, values)
+        return load(cfg, **kw)
     except (ValueError, OSError) as e:
-        report.problems.append(f"{key}: {e}")
-    except json.JSONDecodeError as e:
-        report.problems.append(f"{key} = {path} is not valid JSON ({e})")
+        report.problems.append(str(e))
     return None
 
 
 def _offload(zero: dict, key: str) -> bool:
-    dev = (zero.get(key) or {}).get("device", "none")
+    section = zero.get(key)
+    dev = section.get("device", "none") if isinstance(section, dict) else "none"
     return str(dev).lower() in ("cpu", "nvme")
 
 
@@ -706,7 +707,21 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
             except ValueError as e:
                 r.problems.append(f"data: {e}")
         if cfg.data.eval_split not in splits:
-            r.info.append(f"data: no {cfg.data.eval_split!r} split: no evaluation")
+            # Data prepared without a validation split trains without evaluations; a split named
+            # on purpose, or periodic evaluations asked for, must not be skipped in silence.
+            from tailkd_dist.config import DataConfig
+
+            have = f"the shards' splits: {', '.join(splits) or 'none'}"
+            if cfg.data.eval_split != DataConfig.eval_split:
+                r.problems.append(f"data.eval_split = {cfg.data.eval_split!r} is not in the shards' manifest "
+                                  f"({have}): name one of them")
+            elif cfg.eval.every_steps > 0:
+                r.problems.append(f"eval.every_steps = {cfg.eval.every_steps} asks for evaluations but the shards "
+                                  f"have no {cfg.data.eval_split!r} split ({have}): prepare the data with "
+                                  "--val-fraction, name a split in data.eval_split, or set eval.every_steps=0")
+            else:
+                r.warnings.append(f"data: no {cfg.data.eval_split!r} split in the shards: the run will not "
+                                  "evaluate")
         tok = tokenizer_dir(cfg.models.student) or tokenizer_dir(cfg.models.teacher)
         if tok is None:
             r.warnings.append("no tokenizer directory in the config (models.*.tokenizer or path): the shards' "
@@ -729,35 +744,22 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         dtype = "bf16" if on_gpu else "fp32"
     if cfg.engine.kind == "fsdp2" and not on_gpu:
         dtype = "fp32"  # the fsdp2 adapter computes in fp32 on CPU
-    from tailkd_dist.engines.deepspeed_engine import auto_values
+    from tailkd_dist.engines.deepspeed_engine import student_ds_config, teacher_ds_config
 
-    values = auto_values(cfg, world_size=world_size, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     stage, off_opt, off_param, t_off, buckets = 3, False, False, False, dict(_DS_DEFAULTS)
     if cfg.engine.kind == "deepspeed":
-        ds = _ds_json(cfg.engine.ds_config, values, r, "engine.ds_config")
-        tds = _ds_json(cfg.engine.teacher_ds_config, values, r, "engine.teacher_ds_config") if has_teacher else {}
+        kw = dict(world_size=world_size, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        ds = _ds_json(student_ds_config, cfg, r, **kw)
+        tds = _ds_json(teacher_ds_config, cfg, r, **kw) if has_teacher else None
         if ds is not None:
-            zero = ds.get("zero_optimization", {})
-            stage = zero.get("stage", 0)
-            if stage not in (1, 2, 3):
-                r.problems.append(f"engine.ds_config = {cfg.engine.ds_config}: zero_optimization.stage must be 1, 2 "
-                                  f"or 3 (got {stage})")
-                stage = 1
+            zero = ds["zero_optimization"]
+            stage = zero["stage"]
             off_opt, off_param = _offload(zero, "offload_optimizer"), _offload(zero, "offload_param")
             for k in buckets:
                 if isinstance(zero.get(k), (int, float)):
                     buckets[k] = float(zero[k])
-            mb, ga, tb = (ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                              "train_batch_size"))
-            if all(isinstance(v, int) for v in (mb, ga, tb)) and mb * ga * world_size != tb:
-                r.problems.append(f"engine.ds_config = {cfg.engine.ds_config}: train_batch_size {tb} != micro-batch "
-                                  f"{mb} x accumulation {ga} x world size {world_size}; use \"auto\"")
-        if tds:
-            tz = tds.get("zero_optimization", {})
-            if tz.get("stage") != 3 or "optimizer" in tds:
-                r.problems.append(f"engine.teacher_ds_config = {cfg.engine.teacher_ds_config}: the teacher engine "
-                                  "must be ZeRO stage 3 without an optimizer (inference only)")
-            t_off = _offload(tz, "offload_param")
+        if tds is not None:
+            t_off = _offload(tds["zero_optimization"], "offload_param")
 
     # -- memory ----------------------------------------------------------------------------
     if check_memory and "student" in stats and vocab is not None:
@@ -857,17 +859,17 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as e:
-        print(f"tailkd-preflight: error: {e}", file=sys.stderr)
+        say_error("tailkd-preflight", e)
         return 2
     if args.world_size < 1:
-        print("tailkd-preflight: error: --world-size must be >= 1", file=sys.stderr)
+        say_error("tailkd-preflight", "--world-size must be >= 1")
         return 2
     report = run_preflight(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node, device=args.device,
                            device_memory_gib=args.device_memory_gib, host_memory_gib=args.host_memory_gib)
     lines = [report.verdict_line()] if args.quiet else report.lines()
     print("\n".join(lines), flush=True)
     for p in report.problems:
-        print(f"tailkd-preflight: error: {p}", file=sys.stderr, flush=True)
+        say_error("tailkd-preflight", p)
     return 0 if report.ok else 2
 
 

@@ -29,6 +29,7 @@ from tailkd_dist.staging import write_atomic
 from tailkd_dist.losses import group_chunk_size, rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
+from tailkd_dist.user_error import say_error
 
 log = logging.getLogger("tailkd_dist")
 
@@ -186,10 +187,10 @@ def preflight(cfg: TrainConfig) -> None:
                              f"{EXPORT_MARKER}): move it away, or set checkpoint.export_hf_at_end=false") from None
     env = _Env.from_environ()
     report = run_preflight(cfg, world_size=env.world_size, local_world_size=env.local_world_size)
+    if not report.ok:  # the problem alone: a warning beside it (an estimate it made moot) is noise
+        raise ValueError("preflight: " + "; ".join(report.problems))
     for w in report.warnings:
         log.warning("preflight: %s", w)
-    if not report.ok:
-        raise ValueError("preflight: " + "; ".join(report.problems))
 
 
 def find_resume(cfg: TrainConfig, topo) -> tuple[str | None, dict | None]:
@@ -396,9 +397,7 @@ def main(argv=None) -> int:
     except (ValueError, FloatingPointError, OSError) as e:  # OSError: disk full, permissions
         from tailkd_dist.staging import describe_write_error
 
-        # one write: ranks share the pipe, and print's two writes interleave
-        sys.stderr.write(f"tailkd-train: error: {describe_write_error(e) if isinstance(e, OSError) else e}\n")
-        sys.stderr.flush()
+        say_error("tailkd-train", describe_write_error(e) if isinstance(e, OSError) else e)
         return 2
     except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for
         from tailkd_dist.parallel import liveness

@@ -264,6 +264,14 @@ DAMAGE = {  # name -> (what is damaged, how, a fragment the one line must hold)
     "weights zeroed": ("model", lambda d, m: (m / "model.safetensors").write_bytes(bytes(5000)),
                        "damaged safetensors header"),
     "weights missing": ("model", lambda d, m: (m / "model.safetensors").unlink(), "has no weights"),
+    "model_type unknown": ("model", lambda d, m: _edit_json(m / "config.json", lambda x: {**x, "model_type": "lama"}),
+                           "model_type 'lama' is not an architecture transformers"),
+    "tokenizer.json cut": ("data", lambda d, m: _truncate(d / "tokenizer" / "tokenizer.json", lambda n: n // 2),
+                           "tokenizer.json is not valid JSON"),
+    "tokenizer files gone": ("data", lambda d, m: [f.unlink() for f in (d / "tokenizer").iterdir()],
+                             "holds no tokenizer files"),
+    "tokenizer a file": ("data", lambda d, m: (__import__("shutil").rmtree(d / "tokenizer"),
+                                               (d / "tokenizer").write_text("x")), "is not a directory"),
     "weights shard missing": ("model", lambda d, m: (
         (m / "model.safetensors").rename(m / "model-00001-of-00002.safetensors"),
         (m / "model.safetensors.index.json").write_text(
@@ -397,3 +405,116 @@ def test_a_gpu_job_on_a_node_without_one_stops_at_start(tmp_path):
     assert out.returncode == 2 and len(lines) == 1 and "SLURM gave this job GPUs (SLURM_STEP_GPUS=0)" in lines[0], \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# What the DeepSpeed JSONs may say: the run config owns the batch, the clipping, the dtype and
+# the optimizer's settings; everything else is DeepSpeed's
+# ------------------------------------------------------------------------------------------
+DS_BAD = [  # (student JSON, teacher JSON or None for the shipped one, a fragment of the one line)
+    ({"zero_optimization": {"stage": 7}}, None, "'engine.ds_config' = {s}: zero_optimization.stage must be 1, 2 or 3"),
+    ({"zero_optimization": [2]}, None, "zero_optimization.stage must be 1, 2 or 3"),
+    ({"zero_optimization": {"stage": True}}, None, "zero_optimization.stage must be 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 5}, None,
+     "train_micro_batch_size_per_gpu = 5, but the run config makes it 2 (data.micro_batch_size)"),
+    ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}, None,
+     "gradient_accumulation_steps = 4, but the run config makes it 1 (optim.grad_accum)"),
+    ({"zero_optimization": {"stage": 2}, "train_batch_size": 16}, None, "train_batch_size = 16, but the run config makes it 2"),
+    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, None, "gradient_clipping = 1.0, but the run config makes it 0.0"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, None, "bf16.enabled = true, but the run config makes it false"),
+    ({"zero_optimization": {"stage": 2}, "bf16": True}, None, "'bf16' must be a JSON object"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, None, "fp16 is not supported"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, None,
+     "optimizer.params.lr = 0.1, but the run config makes it 0.003 (optim.lr)"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, None,
+     "no value to fill 'zero_optimization.reduce_bucket_size: auto'"),
+    ({"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 2}},
+     "'engine.teacher_ds_config' = {t}: the teacher engine must be ZeRO stage 3 without an optimizer"),
+    ({"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}, "train_batch_size": 3},
+     "'engine.teacher_ds_config' = {t}: train_batch_size = 3, but the run config makes it 2"),
+]
+
+
+@pytest.mark.parametrize("student,teacher,fragment", DS_BAD, ids=[f"ds{i}" for i in range(len(DS_BAD))])
+def test_deepspeed_json_that_contradicts_the_run_config(data, tmp_path, capsys, student, teacher, fragment):
+    """Through tailkd-train's entry point: rc 2, one line naming the key and the file, nothing
+    written (these were DeepSpeed assertion tracebacks, or trained with the JSON's batch while
+    the config said another)."""
+    import json
+
+    from tailkd_dist.train import main
+    from trainer_utils import REPO, write_config
+
+    s, t = tmp_path / "student_ds.json", tmp_path / "teacher_ds.json"
+    s.write_text(json.dumps(student))
+    t.write_text(json.dumps(teacher)) if teacher is not None else None
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", engine__ds_config=str(s),
+                       engine__teacher_ds_config=str(t if teacher is not None else REPO / "ds_configs/teacher_zero3.json"))
+    rc = main([str(cfg)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert rc == 2 and len(lines) == 1 and err.count("\n") == 1, err[-3000:]
+    assert fragment.format(s=s, t=t) in lines[0], lines[0]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_deepspeed_json_keys_left_out_or_repeated_are_the_run_configs():
+    """Left out or "auto": filled from the run config; repeated with the same value: kept.
+    The expected numbers are written out from the config below, not computed by the code."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tailkd_dist.engines.deepspeed_engine import _settle, auto_values
+
+    cfg = SimpleNamespace(data=SimpleNamespace(micro_batch_size=3),
+                          optim=SimpleNamespace(grad_accum=2, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1))
+    values = auto_values(cfg, world_size=4, dtype=torch.float32)
+    left_out = _settle({"zero_optimization": {"stage": 2}}, values, where="w")
+    assert left_out == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3,
+                        "gradient_accumulation_steps": 2, "train_batch_size": 24, "gradient_clipping": 0.0,
+                        "bf16": {"enabled": False}}
+    repeated = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 3, "train_batch_size": 24.0,
+                "bf16": {"enabled": False}, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.99]}}}
+    settled = _settle(repeated, values, where="w")
+    assert settled["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
+    assert settled["train_batch_size"] == 24.0 and settled["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.parametrize("eval_split,every_steps,fragment", [
+    ("heldout", 0, "data.eval_split = 'heldout' is not in the shards' manifest (the shards' splits: train)"),
+    ("validation", 2, "eval.every_steps = 2 asks for evaluations but the shards have no 'validation' split"),
+    ("validation", 0, None),  # data prepared without a validation split: trains, says it will not evaluate
+])
+def test_an_evaluation_split_the_shards_lack(data, tmp_path, capsys, eval_split, every_steps, fragment):
+    """An evaluation split that is not there is refused at start when it was asked for (the run
+    trained and skipped every evaluation in silence)."""
+    import shutil
+
+    from tailkd_dist.preflight import main
+    from trainer_utils import write_config
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    _edit_json(copy / "manifest.json", lambda x: {**x, "splits": {"train": x["splits"]["train"]}})
+    cfg = write_config(tmp_path / "c.yaml", copy, tmp_path / "run", data__eval_split=eval_split,
+                       eval__every_steps=every_steps)
+    rc = main([str(cfg), "--world-size", "1"])
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-preflight: error:")]
+    if fragment is None:
+        assert rc == 0 and not lines and "no 'validation' split in the shards: the run will not evaluate" in out, out
+    else:
+        assert rc == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+def test_every_command_says_an_error_in_one_line(capsys):
+    """A library's message with newlines (transformers' config validators) or a page of text
+    (its list of ~400 model types) still ends as one line, written at once."""
+    from tailkd_dist.user_error import MAX_CHARS, say_error
+
+    say_error("tailkd-x", "Class validation error:\n    ValueError: hidden size  (32)\n\tnot a multiple")
+    say_error("tailkd-x", "types: " + ", ".join(["model"] * 2000))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "tailkd-x: error: Class validation error: ValueError: hidden size (32) not a multiple"
+    assert len(err) == 2 and err[1].endswith(" ... ") and len(err[1]) == len("tailkd-x: error: ") + MAX_CHARS

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tailkd_dist import __version__
 from tailkd_dist.signals import raise_if_stopping, unwind_on_signals
 from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
+from tailkd_dist.user_error import say_error
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prepare(config)
         except ValueError as error:
-            print(f"tailkd-prepare-data: error: {error}", file=sys.stderr)
+            say_error("tailkd-prepare-data", error)
             return 2
     return 0
 

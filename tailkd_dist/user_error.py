@@ -1,0 +1,25 @@
+"""How every command answers a user's mistake: one line on stderr, ``<prog>: error: <problem>``.
+
+A problem's text may come from a library (a config class's validator, a JSON decoder, an OS
+error) and carry newlines or a page of detail; a cluster user reads the last line of a job's log
+on every rank, so the line is made one line here, once, for every command.
+"""
+from __future__ import annotations
+
+import sys
+
+MAX_CHARS = 1000  # transformers lists its ~400 model types in one message: the start says enough
+
+
+def one_line(problem: object) -> str:
+    """``problem`` as one line: whitespace runs (newlines included) become one space; past
+    MAX_CHARS the rest is cut and marked."""
+    text = " ".join(str(problem).split())
+    return text if len(text) <= MAX_CHARS else text[:MAX_CHARS - 5].rstrip() + " ... "
+
+
+def say_error(prog: str, problem: object) -> None:
+    """Write ``prog: error: problem`` as one line with one write (ranks share the pipe, and
+    print's separate writes of text and newline interleave between processes)."""
+    sys.stderr.write(f"{prog}: error: {one_line(problem)}\n")
+    sys.stderr.flush()
