@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from tailkd_dist import __version__
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -587,7 +587,7 @@ def plot_curves(students: list[dict], teacher: dict, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tailkd-demo", description=__doc__,
+    ap = ArgumentParser(prog="tailkd-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tailkd-demo-out", help="output directory (default: ./tailkd-demo-out)")
     ap.add_argument("--cache-dir", default=None,

@@ -71,7 +71,7 @@ from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
 from tailkd_dist.model_files import check_model_dir
 from tailkd_dist.signals import unwind_on_signals
 from tailkd_dist.staging import check_replaceable, staged_dir
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
 # once.
@@ -587,7 +587,7 @@ def _print_summary(record: dict, out: Path, seconds: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
         description="Derive a student HF causal LM from a teacher directory "
         f"({', '.join(SUPPORTED)}): a subset of its layers, optionally narrower; attention, "

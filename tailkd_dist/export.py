@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tailkd_dist.staging import check_replaceable, staged_dir
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 
 log = logging.getLogger("tailkd_dist")
 
@@ -151,11 +151,10 @@ def export_checkpoint(run_dir: str, out_dir: str, *, tag: str | None = None) -> 
 
 def main(argv=None) -> int:
     """tailkd-export-hf RUN_DIR OUT_DIR [--tag step_00000100]"""
-    import argparse
 
     from tailkd_dist.staging import describe_write_error
 
-    ap = argparse.ArgumentParser(prog="tailkd-export-hf", description="Write a checkpoint's student as an HF model.")
+    ap = ArgumentParser(prog="tailkd-export-hf", description="Write a checkpoint's student as an HF model.")
     ap.add_argument("run_dir", help="the training run's output_dir")
     ap.add_argument("out_dir", help="where to write the HF model: a new or empty directory, or an earlier export "
                                     "(replaced once the new one is complete); never inside the run directory")

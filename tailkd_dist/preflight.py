@@ -55,7 +55,6 @@ that is host RAM, on CPU it adds to the same memory. Treat the result as an esti
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -67,7 +66,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 
 GIB = 2**30
 HEADROOM = 0.9  # the estimate must fit in this fraction of the device's memory
@@ -836,7 +835,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="tailkd-preflight",
         description="Cheap checks of a tailkd-train config for a job of --world-size ranks, before an "
         "allocation is burned: vocabularies, layout, memory estimate, data. Exit 0 on OK, 2 with one "

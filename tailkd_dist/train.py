@@ -29,7 +29,7 @@ from tailkd_dist.staging import write_atomic
 from tailkd_dist.losses import group_chunk_size, rowpass
 from tailkd_dist.losses.rowpass import row_path
 from tailkd_dist.step import ROW_PASSES, train_step
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 
 log = logging.getLogger("tailkd_dist")
 
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="tailkd-train", description=__doc__,
+    ap = ArgumentParser(prog="tailkd-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (see configs/ and README)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. loss.beta=5")

@@ -6,6 +6,7 @@ on every rank, so the line is made one line here, once, for every command.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 MAX_CHARS = 1000  # transformers lists its ~400 model types in one message: the start says enough
@@ -23,3 +24,12 @@ def say_error(prog: str, problem: object) -> None:
     print's separate writes of text and newline interleave between processes)."""
     sys.stderr.write(f"{prog}: error: {one_line(problem)}\n")
     sys.stderr.flush()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose command-line mistakes are one line too (argparse prints the
+    whole usage first: a screenful per rank under a launcher), pointing to ``--help``."""
+
+    def error(self, message: str):
+        say_error(self.prog, f"{message} (see {self.prog} --help)")
+        sys.exit(2)

@@ -518,3 +518,20 @@ def test_every_command_says_an_error_in_one_line(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "tailkd-x: error: Class validation error: ValueError: hidden size (32) not a multiple"
     assert len(err) == 2 and err[1].endswith(" ... ") and len(err[1]) == len("tailkd-x: error: ") + MAX_CHARS
+
+
+@pytest.mark.parametrize("module,prog", [
+    ("tailkd_dist.train", "tailkd-train"), ("tailkd_dist.preflight", "tailkd-preflight"),
+    ("tailkd_dist.derive", "tailkd-derive-student"), ("tailkd_dist.data.prepare", "tailkd-prepare-data"),
+    ("tailkd_dist.export", "tailkd-export-hf"), ("tailkd_dist.demo", "tailkd-demo"),
+])
+def test_a_command_line_mistake_is_one_line(capsys, module, prog):
+    """argparse printed the whole usage before its error: a screenful per rank under a launcher."""
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: ") and ("--no-such-option" in err or "required" in err), err
+    assert err.rstrip().endswith(f"(see {prog} --help)"), err

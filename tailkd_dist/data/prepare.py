@@ -39,7 +39,7 @@ from tqdm import tqdm
 from tailkd_dist import __version__
 from tailkd_dist.signals import raise_if_stopping, unwind_on_signals
 from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
-from tailkd_dist.user_error import say_error
+from tailkd_dist.user_error import ArgumentParser, say_error
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
@@ -325,7 +325,7 @@ def _print_summary(config: PrepareConfig, splits: dict[str, SplitStats]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tailkd-prepare-data",
         description="Tokenise a corpus, pack it into rows of seq_len+1 tokens and write MDS "
         "shards (train/, validation/, manifest.json) for tailkd_dist.data's loader.")
