@@ -1,5 +1,7 @@
-"""End-to-end tests of tailkd-train on DeepSpeed (CPU, gloo): tiny Llama teacher/student built
-from HF configs, data from the real prepare tool (python-stdlib slice)."""
+"""End-to-end tests of tailkd-train (CPU, gloo): tiny Llama teacher/student built from HF
+configs, data from the real prepare tool (python-stdlib slice). The scenarios both engines must
+pass against one process (layouts, collectives, export, directories, SIGKILL + resume) are in
+tests/test_engine_scenarios.py."""
 from __future__ import annotations
 
 import json
@@ -12,9 +14,7 @@ import time
 
 import pytest
 
-from trainer_utils import (
-    REPO, STUDENT, TEACHER, close_by_step, command, env, grad_norms, losses, run, write_config,
-)
+from trainer_utils import REPO, close_by_step, command, env, losses, run, write_config
 
 REL = 1e-5  # float32; ranks sum in a different order than one process
 
@@ -32,73 +32,6 @@ def test_loss_goes_down_on_stdlib_shards(data, tmp_path):
     last = sum(ls[s] for s in (28, 29, 30)) / 3
     assert all(math.isfinite(v) for v in ls.values())
     assert last < first - 0.3, (first, last)  # ln(512) = 6.24 at the start
-
-
-@pytest.mark.slow
-def test_zero_stages_and_loss_groups_match_single_process(data, tmp_path):
-    """2 ranks x micro-batch 2 and 1 rank x micro-batch 2 x 2 accumulation steps see the same
-    global batches (streaming's order does not depend on the number of ranks), so the
-    per-step global losses must agree."""
-    single = write_config(tmp_path / "single.yaml", data, tmp_path / "single", optim__grad_accum=2,
-                          checkpoint__export_hf_at_end=False)
-    run(single)
-    ref = losses(tmp_path / "single")
-    assert len(ref) == 3 and ref[1] > 0
-    cases = {
-        "zero2_lg1_deepspeed_launcher": ("deepspeed", "zero2.json", 1),
-        "zero3_lg2_torchrun": ("torchrun", "zero3.json", 2),
-        "zero3_lg1_torchrun": ("torchrun", "zero3.json", 1),
-    }
-    for name, (launcher, ds, lg) in cases.items():
-        cfg = write_config(tmp_path / f"{name}.yaml", data, tmp_path / name, loss__loss_group_size=lg,
-                           engine__ds_config=str(REPO / "ds_configs" / ds), checkpoint__export_hf_at_end=False)
-        run(cfg, launcher=launcher, nproc=2)
-        close_by_step(losses(tmp_path / name), ref, REL, name)
-        close_by_step(grad_norms(tmp_path / name), grad_norms(tmp_path / "single"), REL, f"{name} gradient norms")
-
-
-def test_model_directories_load_into_zero3_partitions(data, tmp_path):
-    """engine.sharded_load: teacher and student read from directories go straight into their
-    ZeRO-3 partitions (each of 2 ranks holds about half of each model's parameters, never
-    all of them; the student because its engine is ZeRO-3) and the run's losses equal those
-    of the same models loaded whole in one process."""
-    import re
-
-    import torch
-
-    from tailkd_dist.config import ModelSpec
-    from tailkd_dist.models import build_model
-
-    specs = {}
-    for role, config, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
-        build_model(ModelSpec(config=config, init_seed=seed), dtype=torch.float32,
-                    attention="sdpa").save_pretrained(tmp_path / role)
-        specs[role] = {"path": str(tmp_path / role), "tokenizer": str(data / "tokenizer")}
-    common = dict(models__teacher=specs["teacher"], models__student=specs["student"], optim__max_steps=2)
-    whole = write_config(tmp_path / "whole.yaml", data, tmp_path / "whole", optim__grad_accum=2,
-                         engine__sharded_load=False, **common)
-    out = run(whole)
-    assert "ZeRO-3 partitions" not in out.stderr
-    ref = losses(tmp_path / "whole")
-    sharded = write_config(tmp_path / "sharded.yaml", data, tmp_path / "sharded", loss__loss_group_size=2,
-                           engine__ds_config=str(REPO / "ds_configs/zero3.json"), **common)
-    out = run(sharded, launcher="torchrun", nproc=2)
-    for role in ("teacher", "student"):
-        m = re.search(rf"{role} \S+ loaded into ZeRO-3 partitions: (\d+) of its (\d+) parameters on this rank",
-                      out.stderr)
-        assert m, (role, out.stderr[-3000:])
-        mine, total = int(m[1]), int(m[2])
-        assert total > 0 and mine <= total / 2 + 64, (role, mine, total)  # + per-tensor padding
-    close_by_step(losses(tmp_path / "sharded"), ref, REL, "models loaded into ZeRO-3 partitions")
-    # the exported students agree too (the export gathers the partitions and the head rows)
-    from safetensors.torch import load_file
-
-    got = load_file(tmp_path / "sharded" / "hf_student" / "model.safetensors")
-    want = load_file(tmp_path / "whole" / "hf_student" / "model.safetensors")
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        assert got[name].shape == w.shape, name
-        assert (got[name] - w).norm() <= 1e-4 * w.norm(), name
 
 
 @pytest.mark.slow
