@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_losses as R  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 F64 = torch.float64
 F32 = torch.float32
@@ -49,14 +50,6 @@ def impl():
 # ----------------------------------------------------------------------------------------------
 def _flat64(x):
     return torch.as_tensor(x).detach().to(F64).reshape(-1)
-
-
-def rel_err(a, b, floor):
-    a, b = _flat64(a), _flat64(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    num = torch.linalg.vector_norm(a - b).item()
-    den = max(torch.linalg.vector_norm(b).item(), floor)
-    return num / den
 
 
 def assert_rel(a, b, dtype, what, floor=None):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import run_distributed
+from numerics import rel_err
 
 DIVERGENCES = ("tad", "forward_kl", "reverse_kl", "jsd", "none")
 TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -357,21 +358,11 @@ def parity_results() -> dict[str, list[dict]]:
 # ------------------------------------------------------------------------------------------
 # Comparison
 # ------------------------------------------------------------------------------------------
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; 0 if both are exactly zero, inf if only b is."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.double(), b.double()
-    diff = (a - b).norm().item()
-    ref = b.norm().item()
-    if ref == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / ref
-
-
 def check_close(what: str, a: torch.Tensor, b: torch.Tensor, tol: float, errors: list[str]):
     if not torch.isfinite(a).all():
         errors.append(f"{what}: non-finite values {a.flatten()[:6].tolist()}")
         return
+    assert a.shape == b.shape, (what, a.shape, b.shape)
     err = rel_err(a, b)
     if not err <= tol:
         errors.append(
