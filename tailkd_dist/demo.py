@@ -170,7 +170,7 @@ def _still_valid(out: Path, manifest: dict) -> bool:
 
 
 def _resolve_repo_paths(raw: dict) -> None:
-    from tailkd_dist.engines.deepspeed_engine import resolve_ds_config
+    from tailkd_dist.engines.ds_config import resolve_ds_config
 
     for key in ("ds_config", "teacher_ds_config"):
         p = _get_dotted(raw, f"engine.{key}")

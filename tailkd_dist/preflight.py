@@ -743,7 +743,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         dtype = "bf16" if on_gpu else "fp32"
     if cfg.engine.kind == "fsdp2" and not on_gpu:
         dtype = "fp32"  # the fsdp2 adapter computes in fp32 on CPU
-    from tailkd_dist.engines.deepspeed_engine import student_ds_config, teacher_ds_config
+    from tailkd_dist.engines.ds_config import student_ds_config, teacher_ds_config
 
     stage, off_opt, off_param, t_off, buckets = 3, False, False, False, dict(_DS_DEFAULTS)
     if cfg.engine.kind == "deepspeed":

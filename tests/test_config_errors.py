@@ -136,7 +136,7 @@ def test_bad_value_names_its_key(tmp_path, capsys, key, value):
 
 
 def _load_ds(path):
-    from tailkd_dist.engines.deepspeed_engine import load_ds_config
+    from tailkd_dist.engines.ds_config import load_ds_config
 
     return load_ds_config(str(path), {})
 
@@ -465,7 +465,7 @@ def test_deepspeed_json_keys_left_out_or_repeated_are_the_run_configs():
 
     import torch
 
-    from tailkd_dist.engines.deepspeed_engine import _settle, auto_values
+    from tailkd_dist.engines.ds_config import _settle, auto_values
 
     cfg = SimpleNamespace(data=SimpleNamespace(micro_batch_size=3),
                           optim=SimpleNamespace(grad_accum=2, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tailkd_dist.engines.deepspeed_engine import SHIPPED, load_ds_config, resolve_ds_config
+from tailkd_dist.engines.ds_config import SHIPPED, load_ds_config, resolve_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 
