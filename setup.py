@@ -48,6 +48,7 @@ setup(
             "tailkd-derive-student=tailkd_dist.derive:main",
             "tailkd-preflight=tailkd_dist.preflight:main",
             "tailkd-demo=tailkd_dist.demo:main",
+            "tailkd-cache-teacher=tailkd_dist.cache_teacher:main",
         ]
     },
 )

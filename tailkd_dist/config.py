@@ -62,6 +62,11 @@ class ModelSpec:
     """Tokenizer directory; default: ``path``."""
     init_seed: Seed = 0
     """Seed for weights built from ``config`` (identical on every rank)."""
+    cache: Text | None = None
+    """Teacher only: a teacher cache directory (``tailkd-cache-teacher`` writes it here from
+    ``path`` or ``config`` and the token shards in ``data.path``). Training then reads the
+    teacher's hidden states and head from it and never builds the teacher; with ``path`` or
+    ``config`` also given, the cache must have been made from that teacher."""
 
 
 @dataclass(kw_only=True)
@@ -427,6 +432,18 @@ def validate(cfg: TrainConfig) -> None:
                 check_tokenizer_dir(spec.tokenizer)
             except ValueError as e:
                 raise ValueError(f"config key 'models.{role}.tokenizer' = {spec.tokenizer!r}: {e}") from None
+        if role == "student" and spec.cache is not None:
+            raise ValueError("config key 'models.student.cache': only the teacher can be read from a cache")
+        if role == "teacher" and spec.cache is not None:
+            if cfg.loss.divergence == "none":
+                raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: loss.divergence none trains "
+                                 "without a teacher; drop the cache or choose a divergence")
+            if cfg.loss.hidden_weight > 0:
+                raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: the hidden-state term "
+                                 "(loss.hidden_weight > 0) needs the teacher's intermediate layers, which a cache of "
+                                 "its final hidden states does not hold: train it with the online teacher")
+            if spec.path is None and spec.config is None:
+                continue  # the cache alone: what it was made from is in its manifest
         if role == "teacher" and spec.path is None and spec.config is None and cfg.loss.divergence == "none":
             continue  # CE-only training needs no teacher
         if (spec.path is None) == (spec.config is None):

@@ -29,6 +29,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
+def teacher_compute_dtype(cfg, device_type: str) -> torch.dtype:
+    """The dtype of the hidden states the online teacher hands the loss: models.dtype, except
+    that FSDP2 computes in float32 off CUDA (what a teacher cache must store to be exact)."""
+    if cfg.engine.kind == "fsdp2" and device_type != "cuda":
+        return torch.float32
+    return resolve_dtype(cfg.models.dtype)
+
+
 def build_model(spec: ModelSpec, *, dtype: torch.dtype, attention: str, zero3_config: dict | None = None,
                 meta: bool = False):
     """An HF causal LM from a local directory, or with random weights from a config dict.

@@ -619,13 +619,25 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                           f"replicas; set loss.loss_group_size={world_size} to shard")
 
     # -- models and vocabularies -----------------------------------------------------------
-    has_teacher = cfg.models.teacher.path is not None or cfg.models.teacher.config is not None
+    t_spec = cfg.models.teacher
+    online = t_spec.path is not None or t_spec.config is not None
+    cache = None  # the teacher cache's manifest
+    if t_spec.cache is not None:
+        from tailkd_dist.data.teacher_cache import read_cache_manifest
+
+        try:
+            cache = read_cache_manifest(t_spec.cache)
+        except ValueError as e:
+            r.problems.append(str(e))
+    has_teacher = online or cache is not None
     stats: dict[str, ModelStats] = {}
     metas = {}
     for role in ("teacher", "student"):
         if role == "teacher" and not has_teacher:
             continue
         spec = getattr(cfg.models, role)
+        if role == "teacher" and not online:  # the cache alone: the config it recorded
+            spec = dataclasses.replace(spec, config=cache["teacher_cache"]["config"])
         try:
             stats[role], metas[role] = model_stats(spec, role)
         except Exception as e:  # unreadable config.json, unknown model_type, ...
@@ -645,6 +657,10 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     for role, s in stats.items():
         r.info.append(f"{role}: {_count(s.total_params)} parameters ({s.layers} layers, hidden {s.hidden}, "
                       f"lm_head {s.head_rows} x {s.hidden})")
+    if cache is not None and "teacher" in stats:
+        # Read from the cache: no teacher body on any rank, only its head and hidden states.
+        stats["teacher"] = dataclasses.replace(stats["teacher"], body_params=0, largest_block=0, ffn=0)
+        r.info.append(f"teacher: read from the cache {t_spec.cache} (its body is never built)")
     if cfg.loss.hidden_weight > 0 and {"teacher", "student"} <= set(stats):
         from tailkd_dist.hidden import check_layer_map, default_layer_map
 
@@ -743,13 +759,25 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         dtype = "bf16" if on_gpu else "fp32"
     if cfg.engine.kind == "fsdp2" and not on_gpu:
         dtype = "fp32"  # the fsdp2 adapter computes in fp32 on CPU
+    if cache is not None:
+        from tailkd_dist.data.teacher_cache import check_cache_matches, teacher_identity
+        from tailkd_dist.models import teacher_compute_dtype
+
+        try:
+            check_cache_matches(cache, cache=t_spec.cache,
+                                data_manifest_path=Path(cfg.data.path) / "manifest.json" if cfg.data.remote is None
+                                else None,
+                                teacher=teacher_identity(t_spec) if online else None,
+                                dtype=str(teacher_compute_dtype(cfg, device)).removeprefix("torch."))
+        except (ValueError, OSError) as e:
+            r.problems.append(str(e))
     from tailkd_dist.engines.ds_config import student_ds_config, teacher_ds_config
 
     stage, off_opt, off_param, t_off, buckets = 3, False, False, False, dict(_DS_DEFAULTS)
     if cfg.engine.kind == "deepspeed":
         kw = dict(world_size=world_size, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         ds = _ds_json(student_ds_config, cfg, r, **kw)
-        tds = _ds_json(teacher_ds_config, cfg, r, **kw) if has_teacher else None
+        tds = _ds_json(teacher_ds_config, cfg, r, **kw) if online else None  # no engine for a cache
         if ds is not None:
             zero = ds["zero_optimization"]
             stage = zero["stage"]

@@ -90,6 +90,9 @@ class LoaderConfig:
     """Consecutive ranks that read the same samples (the tensor-parallel group size), or None."""
     download_timeout: float = 60.0
     """Seconds allowed per shard download from `remote`."""
+    teacher_cache: str | None = None
+    """A teacher cache of these shards (local directory): each sample also gets its row's
+    ``teacher_hidden`` [seq_len, d] (data/teacher_cache.py)."""
 
 
 def read_manifest(
@@ -273,6 +276,17 @@ class PackedTokenDataset(StreamingDataset):
         if not splits[config.split]["rows"]:  # prepare refuses this; guard against edited data
             raise ValueError(f"split {config.split!r} of {config.remote or config.local} is empty.")
         self.seq_len: int = self.manifest["seq_len"]
+        # A teacher cache (data/teacher_cache.py): each sample also gets its row's hidden states.
+        self.teacher_cache: dict | None = None
+        if config.teacher_cache is not None:
+            from tailkd_dist.data.teacher_cache import read_cache_manifest
+
+            self.teacher_cache = read_cache_manifest(config.teacher_cache)["teacher_cache"]
+            rows = self.teacher_cache["splits"].get(config.split, {}).get("rows")
+            if rows != splits[config.split]["rows"]:
+                raise ValueError(f"teacher cache {config.teacher_cache} holds {rows} rows of split {config.split!r}, "
+                                 f"the token shards {splits[config.split]['rows']}: it was made from other shards")
+            self._cache_rows = None  # opened on first use, in the process that reads
         self._shard_error: Exception | None = None
         # Before streaming allocates shared memory, so a bad shard fails cleanly and early.
         check_local_shards(Path(config.local, config.split), remote=config.remote,
@@ -313,7 +327,19 @@ class PackedTokenDataset(StreamingDataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         row = super().__getitem__(idx)
-        return {**_sample(row["tokens"], row["doc_ids"]), "sample_idx": torch.tensor(idx)}
+        sample = {**_sample(row["tokens"], row["doc_ids"]), "sample_idx": torch.tensor(idx)}
+        if self.teacher_cache is not None:
+            from tailkd_dist.data.teacher_cache import MDSRows, hidden_of
+
+            if self._cache_rows is None:
+                self._cache_rows = MDSRows(Path(self.config.teacher_cache), self.config.split)
+            cached = self._cache_rows[idx]
+            if not np.array_equal(cached["tokens"], row["tokens"]):
+                raise ValueError(f"teacher cache {self.config.teacher_cache}: row {idx} of split {self.config.split!r} "
+                                 "holds other tokens than the token shards' row: the cache was made from other shards")
+            c = self.teacher_cache
+            sample["teacher_hidden"] = hidden_of(cached, seq_len=self.seq_len, d=c["d"], dtype=c["dtype"])
+        return sample
 
 
 def make_loader(config: LoaderConfig) -> StreamingDataLoader:

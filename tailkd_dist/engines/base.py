@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from tailkd_dist.config import TrainConfig
-from tailkd_dist.engines.teacher import ModelTeacher, NoTeacher, body_kwargs, final_hidden
+from tailkd_dist.engines.teacher import (CachedTeacher, CacheHeadModel, ModelTeacher, NoTeacher, body_kwargs,
+                                         final_hidden)
 from tailkd_dist.models import body_of, full_shape, hidden_scale, lm_head_of, untie_warning
 from tailkd_dist.parallel.lm_head import gathered
 from tailkd_dist.parallel.topology import Topology
@@ -54,10 +55,12 @@ class EngineAdapter:
                     dist.broadcast(extra, src=0)
             self.student_extra_rows = extra.cpu().clone()
         self.student_scale = hidden_scale(student.config, role="student")
-        self.teacher_scale = hidden_scale(teacher.config, role="teacher") if teacher is not None else 1.0
         self.student_config = student.config
         self.student_body = body_of(student)
         self.teacher_body = body_of(teacher) if teacher is not None else None
+        # A cached teacher's hidden states carry its scale already (and it has no body).
+        self.cached_teacher = isinstance(teacher, CacheHeadModel)
+        self.teacher_scale = hidden_scale(teacher.config, role="teacher") if self.teacher_body is not None else 1.0
         self.body_prefix = student.base_model_prefix
         for p in teacher.parameters() if teacher is not None else ():
             p.requires_grad_(False)
@@ -70,7 +73,9 @@ class EngineAdapter:
         An engine with such a sharded load (FSDP2) overrides this."""
         return False
 
-    def _teacher(self, module, head) -> ModelTeacher | NoTeacher:
+    def _teacher(self, module, head) -> ModelTeacher | CachedTeacher | NoTeacher:
+        if self.cached_teacher:
+            return CachedTeacher(head=head)
         return NoTeacher() if module is None else ModelTeacher(module=module, scale=self.teacher_scale, head=head)
 
     def student_hidden(self, batch) -> torch.Tensor:

@@ -70,6 +70,15 @@ def zero3_load_configs(cfg, *, world_size: int, dtype: torch.dtype) -> tuple[dic
     return teacher, student
 
 
+def frozen_body_engine(body, t_cfg: dict):
+    """A frozen body (the teacher's) in a ZeRO-3 inference engine (``teacher_ds_config``)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=body, config=t_cfg)
+    engine.eval()
+    return engine
+
+
 class DeepSpeedAdapter(EngineAdapter):
     name = "deepspeed"
 
@@ -79,7 +88,7 @@ class DeepSpeedAdapter(EngineAdapter):
 
         o, W = cfg.optim, topo.world_size
         ds_cfg = student_ds_config(cfg, world_size=W, dtype=dtype)
-        t_cfg = teacher_ds_config(cfg, world_size=W, dtype=dtype) if teacher is not None else None
+        t_cfg = teacher_ds_config(cfg, world_size=W, dtype=dtype) if self.teacher_body is not None else None
         stage = ds_cfg["zero_optimization"]["stage"]
         ensure_torch_distributed()
         self.stage = stage
@@ -88,7 +97,7 @@ class DeepSpeedAdapter(EngineAdapter):
         # (a body loaded into ZeRO-3 partitions already has the config's dtype)
         if not is_partitioned(self.student_body):
             self.student_body.to(dtype)
-        if teacher is not None and not is_partitioned(self.teacher_body):
+        if self.teacher_body is not None and not is_partitioned(self.teacher_body):
             self.teacher_body.to(dtype)
         optimizer = None
         if "optimizer" not in ds_cfg:  # a client optimizer: plain torch AdamW (no JIT-built op)
@@ -99,9 +108,8 @@ class DeepSpeedAdapter(EngineAdapter):
             model_parameters=None if optimizer is not None else decay_groups(self.student_body.parameters(), o.weight_decay),
         )
         teacher_engine = None
-        if teacher is not None:
-            teacher_engine, *_ = deepspeed.initialize(model=self.teacher_body, config=t_cfg)
-            teacher_engine.eval()
+        if self.teacher_body is not None:  # None: CE-only, or a teacher cache (no body)
+            teacher_engine = frozen_body_engine(self.teacher_body, t_cfg)
         self.student_module = self.engine
         self.teacher = self._teacher(teacher_engine, self.teacher_head)
         # DeepSpeed averages the body's gradients over the W ranks, so the loss is scaled by W

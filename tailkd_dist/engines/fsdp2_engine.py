@@ -131,6 +131,24 @@ def _fill_from_rank0(body: nn.Module, full_sd: dict | None, device: torch.device
             dist.broadcast(buf, src=0)
 
 
+def shard_frozen_body(body: nn.Module, *, mesh, compute: torch.dtype, device: torch.device,
+                      from_rank0: bool) -> None:
+    """A frozen body (the teacher's) under FSDP2, in place: stored in the compute dtype (no
+    master copy), every unit resharded right after its forward (the root too: there is no
+    backward). ``from_rank0``: only rank 0 holds the weights (the others: the meta device)."""
+    from torch.distributed.fsdp import fully_shard
+
+    body.requires_grad_(False)
+    body.to(compute)
+    full = body.state_dict() if from_rank0 and dist.get_rank() == 0 else None
+    for _, _, block in decoder_blocks(body):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(body, mesh=mesh, reshard_after_forward=True)
+    if from_rank0:
+        _fill_from_rank0(body, full, device)
+    body.eval()
+
+
 class FSDP2Adapter(EngineAdapter):
     name = "fsdp2"
 
@@ -205,16 +223,8 @@ class FSDP2Adapter(EngineAdapter):
         # Teacher: frozen, no master copy needed (stored in the compute dtype on GPUs), every
         # unit resharded right after its forward (the root too: there is no backward).
         if self.teacher_body is not None:
-            self.teacher_body.requires_grad_(False)
-            self.teacher_body.to(compute)
-            t_full = self.teacher_body.state_dict() if rank0 and self.loads_from_rank0("teacher") else None
-            for _, _, block in decoder_blocks(self.teacher_body):
-                fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
-            fully_shard(self.teacher_body, mesh=self.mesh, reshard_after_forward=True)
-            if self.loads_from_rank0("teacher"):
-                _fill_from_rank0(self.teacher_body, t_full, self.device)
-                del t_full
-            self.teacher_body.eval()
+            shard_frozen_body(self.teacher_body, mesh=self.mesh, compute=compute, device=self.device,
+                              from_rank0=self.loads_from_rank0("teacher"))
 
         self.student = _Student(self.student_body, self.student_lm_head)
         self.student_module = self.student_body

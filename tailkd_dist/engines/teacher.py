@@ -1,7 +1,9 @@
-"""The teacher as the loss sees it: a frozen model's final hidden states and head rows."""
+"""The teacher as the loss sees it: a frozen model's final hidden states and head rows, or
+the same read from a teacher cache (data/teacher_cache.py)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class ModelTeacher:
@@ -20,6 +22,46 @@ class ModelTeacher:
 
     def head(self):
         return self._head
+
+
+class CachedTeacher:
+    """A teacher cache: the hidden states the teacher computed for these rows, read with them
+    (the batch's ``teacher_hidden``, logit scale already folded in); the head rows from the
+    cache's copy of its lm_head. No body exists."""
+
+    present = True
+
+    def __init__(self, *, head):
+        self._head = head
+
+    def hidden(self, batch: dict) -> torch.Tensor:
+        if "teacher_hidden" not in batch:
+            raise ValueError("a teacher cache is configured but the batch has no teacher_hidden: the loader "
+                             "reads token shards, not the cache")
+        return batch["teacher_hidden"]
+
+    def head(self):
+        return self._head
+
+
+class CacheHeadModel(nn.Module):
+    """What the engines build a cached teacher's head from: the teacher's config and its
+    lm_head, with no body (``body_of`` gives None, so no engine wraps one)."""
+
+    base_model_prefix = "body"
+
+    def __init__(self, *, config, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.config, self.body = config, None
+        self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(weight)
+            if bias is not None:
+                self.lm_head.bias.copy_(bias)
+        self.requires_grad_(False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
 
 class NoTeacher:

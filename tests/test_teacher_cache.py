@@ -1,0 +1,209 @@
+"""The teacher cache (tailkd-cache-teacher, models.teacher.cache): exact, resumable, refused
+when it does not belong to the run.
+
+A small slice of the python-stdlib shards (169 rows of 32 tokens), a cache of it written in
+pieces of 16 rows; training from the cache must give the online teacher's per-step losses and
+the same exported student (fp32: the hidden states are the very numbers the online teacher
+computes, so equality is demanded to 1e-6).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer_utils import REPO, STUDENT, TEACHER, cleanup_shm, close_by_step, env, free_port, losses, prepare_data, run
+from trainer_utils import write_config as _write_config
+
+pytestmark = pytest.mark.usefixtures("clean_shm")
+
+VOCAB = 515  # uneven vocabulary shards over a loss group of 2
+ENGINES = {"deepspeed": dict(engine__kind="deepspeed", engine__ds_config=str(REPO / "ds_configs/zero3.json")),
+           "fsdp2": dict(engine__kind="fsdp2")}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("small") / "stdlib", docs=6)
+
+
+def config(path: Path, data: Path, out: Path, *, engine: str = "fsdp2", cache: Path | None = None,
+           online: bool = True, **overrides) -> Path:
+    """The run (or the cache) config: teacher and student built from HF configs."""
+    tok = str(data / "tokenizer")
+    teacher = {"config": {**TEACHER, "vocab_size": VOCAB}, "tokenizer": tok, "init_seed": 1} if online else {}
+    if cache is not None:
+        teacher["cache"] = str(cache)
+    base = dict(models__teacher=teacher,
+                models__student={"config": {**STUDENT, "vocab_size": VOCAB}, "tokenizer": tok, "init_seed": 2},
+                optim__max_steps=3, optim__grad_clip=0.3, checkpoint__export_hf_at_end=True, eval__max_batches=1)
+    return _write_config(path, data, out, **{**base, **ENGINES[engine], **overrides})
+
+
+def cache_command(cfg: Path, *, nproc: int = 1, extra=()) -> list[str]:
+    module = ["-m", "tailkd_dist.cache_teacher", str(cfg), "--piece-rows", "16", "--no-progress", *extra]
+    if nproc == 1:
+        return [sys.executable, *module]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *module]
+
+
+def write(cfg: Path, *, nproc: int = 1, check: bool = True, **kw):
+    try:
+        out = subprocess.run(cache_command(cfg, nproc=nproc), env={**env(), **kw}, cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        cleanup_shm()
+    if check:
+        assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root``: relative path -> sha256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cache1(small, tmp_path_factory):
+    """A cache written by one process (FSDP2's teacher, fp32)."""
+    tmp = tmp_path_factory.mktemp("cache1")
+    cfg = config(tmp / "c.yaml", small, tmp / "unused", cache=tmp / "cache")
+    out = write(cfg)
+    assert "wrote" in out.stdout and "bytes/token" in out.stdout, out.stdout
+    return tmp / "cache"
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_two_ranks_write_the_same_cache(small, cache1, tmp_path, engine):
+    """Two ranks, the teacher sharded over both (ZeRO-3 inference / FSDP2), each writing its
+    own pieces: the same files, byte for byte, as one process."""
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", engine=engine, cache=tmp_path / "cache")
+    write(cfg, nproc=2)
+    assert tree(tmp_path / "cache") == tree(cache1)
+    manifest = json.loads((cache1 / "manifest.json").read_text())["teacher_cache"]
+    assert manifest["splits"] == {"train": {"rows": 124}, "validation": {"rows": 45}}
+    assert (manifest["d"], manifest["dtype"], manifest["seq_len"]) == (48, "float32", 32)
+    # 32 positions x 48 values x 4 bytes per row, beside its 33 tokens x 4 bytes
+    assert sum(p.stat().st_size for p in cache1.rglob("*.mds")) >= 169 * (32 * 48 * 4 + 33 * 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,group", [("deepspeed", 1), ("deepspeed", 2), ("fsdp2", 1), ("fsdp2", 2)])
+def test_training_from_the_cache_equals_the_online_teacher(small, cache1, tmp_path, engine, group):
+    """Per-step losses and the exported student, 2 ranks; the cached run never builds the
+    teacher (given by the cache alone here: what it was made from is in its manifest)."""
+    from safetensors.torch import load_file
+
+    kw = dict(engine=engine, loss__loss_group_size=group)
+    online = config(tmp_path / "online.yaml", small, tmp_path / "online", **kw)
+    cached = config(tmp_path / "cached.yaml", small, tmp_path / "cached", cache=cache1, online=False, **kw)
+    run(online, launcher="torchrun", nproc=2)
+    out = run(cached, launcher="torchrun", nproc=2)
+    assert f"teacher: read from the cache {cache1}" in out.stderr, out.stderr[-3000:]
+    close_by_step(losses(tmp_path / "cached"), losses(tmp_path / "online"), 1e-6, f"{engine} group {group}")
+    a = load_file(tmp_path / "cached" / "hf_student" / "model.safetensors")
+    b = load_file(tmp_path / "online" / "hf_student" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-6 * b[k].norm(), k
+
+
+def test_killed_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
+    """SIGKILL once a piece is done (a stale unfinished piece beside it); the same command
+    again finishes the cache: the files equal an uninterrupted cache's, byte for byte."""
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
+    proc = subprocess.Popen(cache_command(cfg), env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (tmp_path / "cache" / "train" / "000000").is_dir():
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.5)  # inside the pause after the first piece
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    stale = tmp_path / "cache" / "train" / "000003.partial"
+    stale.mkdir()
+    (stale / "shard.00000.mds").write_bytes(b"half a piece")
+    write(cfg)
+    assert tree(tmp_path / "cache") == tree(cache1)
+    again = write(cfg)  # complete: nothing to do, nothing changed
+    assert "already a complete cache" in again.stdout and tree(tmp_path / "cache") == tree(cache1)
+
+
+@pytest.mark.parametrize("case", ["other shards", "other teacher", "other dtype", "damaged manifest"])
+def test_a_cache_that_is_not_this_runs_is_refused(small, data, cache1, tmp_path, capsys, case):
+    """One line naming both sides, rc 2, nothing written."""
+    import shutil
+
+    from tailkd_dist.train import main
+
+    cache, kw, fragment = cache1, {}, None
+    if case == "other shards":
+        args, fragment = (data,), "was made from other token shards"
+    else:
+        args = (small,)
+    if case == "other teacher":
+        kw, fragment = dict(models__teacher={"config": {**TEACHER, "vocab_size": VOCAB}, "init_seed": 9,
+                                             "cache": str(cache1)}), "was made from another teacher (its weights"
+    if case == "other dtype":  # DeepSpeed holds the teacher in models.dtype, also on a CPU
+        kw, fragment = dict(engine="deepspeed", models__dtype="bf16"), "holds float32 hidden states but this run"
+    if case == "damaged manifest":
+        cache = tmp_path / "damaged"
+        shutil.copytree(cache1, cache)
+        m = json.loads((cache / "manifest.json").read_text())
+        del m["teacher_cache"]["d"]
+        (cache / "manifest.json").write_text(json.dumps(m))
+        fragment = "manifest.json is damaged (teacher_cache.d)"
+    cfg = config(tmp_path / "c.yaml", *args, tmp_path / "run", cache=cache, **kw)
+    rc = main([str(cfg)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-train: error:")]
+    assert rc == 2 and len(lines) == 1 and fragment in lines[0], err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["foreign directory", "other source", "a file"])
+def test_the_writer_never_touches_what_it_did_not_write(small, cache1, tmp_path, case):
+    target = tmp_path / "cache"
+    if case == "foreign directory":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        fragment = "is a directory this command did not write"
+    elif case == "a file":
+        target.write_text("mine")
+        fragment = "is a file"
+    else:  # a complete cache of another teacher
+        import shutil
+
+        shutil.copytree(cache1, target)
+        fragment = "is a complete cache of another source"
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=target,
+                 models__teacher={"config": {**TEACHER, "vocab_size": VOCAB}, "init_seed": 5, "cache": str(target)})
+    before = tree(tmp_path)
+    out = write(cfg, check=False)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-cache-teacher: error:")]
+    assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and tree(tmp_path) == before
+
+
+def test_what_needs_the_online_teacher_says_so(small, cache1, tmp_path, capsys):
+    from tailkd_dist.train import main
+
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "run", cache=cache1, online=False, loss__hidden_weight=1.0)
+    rc = main([str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs the teacher's intermediate layers" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
