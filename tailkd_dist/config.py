@@ -435,6 +435,9 @@ def validate(cfg: TrainConfig) -> None:
         if role == "student" and spec.cache is not None:
             raise ValueError("config key 'models.student.cache': only the teacher can be read from a cache")
         if role == "teacher" and spec.cache is not None:
+            if "://" in spec.cache:
+                raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: a cache is read from a local "
+                                 "(or mounted shared) directory; copy it there first")
             if cfg.loss.divergence == "none":
                 raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: loss.divergence none trains "
                                  "without a teacher; drop the cache or choose a divergence")

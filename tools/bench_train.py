@@ -136,7 +136,7 @@ def tailkd(args) -> dict:
     steady = marks["cpu"][2:]
     tokens = args.batch * json.loads(Path(args.data, "manifest.json").read_text())["seq_len"]
     return {"step_s": statistics.median(steady), "tokens_per_s": tokens / statistics.median(steady),
-            "peak_extra": marks["peak"] - marks["rss0"]}
+            "peak_extra": marks["peak"] - marks["rss0"], "peak_total": marks["peak"]}
 
 
 def main(argv=None):
