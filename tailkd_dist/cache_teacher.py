@@ -168,9 +168,16 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
     if dtype_name not in DTYPES:
         raise ValueError(f"models.dtype gives the teacher {dtype_name} hidden states; a cache stores float32 or "
                          "bfloat16")
+    rank, W = topo.rank, topo.world_size
+    # The checks the trainer makes at start (data, vocabulary, memory; the teacher online),
+    # before anything is created.
+    problems = device_problems(cfg)
+    report = run_preflight(_teacher_only(cfg), world_size=W, local_world_size=DistEnv.from_environ().local_world_size)
+    problems += report.problems
+    if problems:
+        raise ValueError("preflight: " + "; ".join(problems))
     provenance = _provenance(cfg, dtype=dtype_name, piece_rows=piece_rows)
     manifest = read_manifest(local=str(data))
-    rank, W = topo.rank, topo.world_size
     done = check_output(out, provenance)  # every rank, before anything is created
     if W > 1:
         dist.barrier()
@@ -185,12 +192,6 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
                                                   indent=2) + "\n")
     if W > 1:
         dist.barrier()
-    # The checks the trainer makes at start (data, vocabulary, memory), the teacher online.
-    problems = device_problems(cfg)
-    report = run_preflight(_teacher_only(cfg), world_size=W, local_world_size=DistEnv.from_environ().local_world_size)
-    problems += report.problems
-    if problems:
-        raise ValueError("preflight: " + "; ".join(problems))
     hidden, teacher = _load_teacher(cfg, topo, dtype)
     d = full_shape(lm_head_of(teacher).weight)[1]
     seq_len = manifest["seq_len"]

@@ -175,10 +175,19 @@ def test_a_cache_that_is_not_this_runs_is_refused(small, data, cache1, tmp_path,
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("case", ["foreign directory", "other source", "a file"])
+@pytest.mark.parametrize("case", ["foreign directory", "other source", "a file", "no token shards"])
 def test_the_writer_never_touches_what_it_did_not_write(small, cache1, tmp_path, case):
+    """One line, rc 2, and the file system as it was: no cache directory is even created for
+    a mistake found at start."""
     target = tmp_path / "cache"
-    if case == "foreign directory":
+    data = small
+    if case == "no token shards":  # a directory with the tokenizer but no shards
+        import shutil
+
+        data = tmp_path / "not_prepared"
+        shutil.copytree(small / "tokenizer", data / "tokenizer")
+        fragment = "manifest.json does not exist"
+    elif case == "foreign directory":
         target.mkdir()
         (target / "notes.txt").write_text("mine")
         fragment = "is a directory this command did not write"
@@ -190,13 +199,14 @@ def test_the_writer_never_touches_what_it_did_not_write(small, cache1, tmp_path,
 
         shutil.copytree(cache1, target)
         fragment = "is a complete cache of another source"
-    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=target,
+    cfg = config(tmp_path / "c.yaml", data, tmp_path / "unused", cache=target,
                  models__teacher={"config": {**TEACHER, "vocab_size": VOCAB}, "init_seed": 5, "cache": str(target)})
     before = tree(tmp_path)
     out = write(cfg, check=False)
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("tailkd-cache-teacher: error:")]
     assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr and tree(tmp_path) == before
+    assert target.exists() == (case != "no token shards")
 
 
 def test_what_needs_the_online_teacher_says_so(small, cache1, tmp_path, capsys):
