@@ -14,6 +14,7 @@ from the pieces it had finished and ends with the same bytes as an uninterrupted
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -137,7 +138,8 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
     """Write (or finish) the cache; returns the summary (rank 0: what it printed)."""
     from tailkd_dist.data.dataset import read_manifest
     from tailkd_dist.data.streaming_compat import MDSWriter
-    from tailkd_dist.data.teacher_cache import COLUMN, DTYPES, HEAD_FILE, KIND, MDSRows
+    from tailkd_dist.data.teacher_cache import (COLUMN, DTYPES, HEAD_FILE, KIND, MDSRows, cache_dtype,
+                                                stable_config)
     from tailkd_dist.models import full_shape, lm_head_of, teacher_compute_dtype
     from tailkd_dist.parallel.lm_head import gathered
     from tailkd_dist.parallel.topology import DistEnv
@@ -164,7 +166,7 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
     out, data = Path(spec.cache), Path(cfg.data.path)
     topo = build_topology(cfg)
     dtype = teacher_compute_dtype(cfg, topo.device.type)
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = cache_dtype(dtype)
     if dtype_name not in DTYPES:
         raise ValueError(f"models.dtype gives the teacher {dtype_name} hidden states; a cache stores float32 or "
                          "bfloat16")
@@ -266,7 +268,7 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
         tmp = out / f"{HEAD_FILE}.tmp"
         save_file(head, str(tmp))
         tmp.replace(out / HEAD_FILE)
-        section = {"kind": KIND, "d": d, "seq_len": seq_len, "config": _teacher_config(teacher),
+        section = {"kind": KIND, "d": d, "seq_len": seq_len, "config": stable_config(teacher.config.to_dict()),
                    "splits": {s: {"rows": len(readers[s])} for s in splits}, "columns": columns,
                    "code_version": __version__, **provenance}
         raise_if_stopping()
@@ -293,11 +295,6 @@ def _teacher_only(cfg):
     return c
 
 
-def _teacher_config(teacher) -> dict:
-    raw = teacher.config.to_dict()
-    return {k: v for k, v in raw.items() if k not in ("transformers_version", "_name_or_path", "architectures")}
-
-
 def _write_piece(target: Path, *, rows: list[dict], states: torch.Tensor, columns: dict, dtype: str,
                  writer_cls) -> None:
     """One piece, whole or not at all: written beside its place, renamed into it when complete."""
@@ -322,7 +319,8 @@ def _merge_pieces(split_dir: Path, *, n_pieces: int) -> None:
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # merge_index warns about its temporary folder
     try:
-        streaming.base.util.merge_index([str(split_dir / f"{i:06d}" / "index.json") for i in range(n_pieces)], str(split_dir))
+        pieces = [str(split_dir / f"{i:06d}" / "index.json") for i in range(n_pieces)]
+        streaming.base.util.merge_index(pieces, str(split_dir))
     finally:
         logging.getLogger().setLevel(quiet)
 
@@ -331,14 +329,14 @@ def main(argv=None) -> int:
     from tailkd_dist.config import load_config
     from tailkd_dist.signals import unwind_on_signals
 
-    ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="the training config (YAML); models.teacher.cache names the cache")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. models.teacher.cache=/data/c")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
     ap.add_argument("--piece-rows", type=int, default=1024,
                     help="rows per piece, the unit of work and of resumption (default 1024)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--local_rank", type=int, help=__import__("argparse").SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):

@@ -760,7 +760,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     if cfg.engine.kind == "fsdp2" and not on_gpu:
         dtype = "fp32"  # the fsdp2 adapter computes in fp32 on CPU
     if cache is not None:
-        from tailkd_dist.data.teacher_cache import check_cache_matches, teacher_identity
+        from tailkd_dist.data.teacher_cache import cache_dtype, check_cache_matches, teacher_identity
         from tailkd_dist.models import teacher_compute_dtype
 
         try:
@@ -768,7 +768,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
                                 data_manifest_path=Path(cfg.data.path) / "manifest.json" if cfg.data.remote is None
                                 else None,
                                 teacher=teacher_identity(t_spec) if online else None,
-                                dtype=str(teacher_compute_dtype(cfg, device)).removeprefix("torch."))
+                                dtype=cache_dtype(teacher_compute_dtype(cfg, device)))
         except (ValueError, OSError) as e:
             r.problems.append(str(e))
     from tailkd_dist.engines.ds_config import student_ds_config, teacher_ds_config

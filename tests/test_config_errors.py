@@ -524,6 +524,7 @@ def test_every_command_says_an_error_in_one_line(capsys):
     ("tailkd_dist.train", "tailkd-train"), ("tailkd_dist.preflight", "tailkd-preflight"),
     ("tailkd_dist.derive", "tailkd-derive-student"), ("tailkd_dist.data.prepare", "tailkd-prepare-data"),
     ("tailkd_dist.export", "tailkd-export-hf"), ("tailkd_dist.demo", "tailkd-demo"),
+    ("tailkd_dist.cache_teacher", "tailkd-cache-teacher"),
 ])
 def test_a_command_line_mistake_is_one_line(capsys, module, prog):
     """argparse printed the whole usage before its error: a screenful per rank under a launcher."""

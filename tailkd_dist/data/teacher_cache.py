@@ -56,6 +56,17 @@ _VOLATILE = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "a
              "_attn_implementation_autoset", "_attn_implementation")
 
 
+def stable_config(config: dict) -> dict:
+    """A model config without what a re-save, a version or the loading changes: what the
+    cache records and what identifies a teacher."""
+    return {k: v for k, v in config.items() if k not in _VOLATILE}
+
+
+def cache_dtype(dtype: torch.dtype) -> str:
+    """The name a cache records for the dtype of its hidden states ("float32", "bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def teacher_identity(spec) -> dict:
     """What identifies a teacher (a ``ModelSpec`` with ``path`` or ``config``): its config
     (without what a re-save or a version changes) and a fingerprint of its weights. For a
@@ -67,7 +78,7 @@ def teacher_identity(spec) -> dict:
         config = dict(spec.config)
     else:
         config = read_json(Path(spec.path) / "config.json", fix="copy or save the teacher again")
-    config = {k: v for k, v in config.items() if k not in _VOLATILE}
+    config = stable_config(config)
     if spec.path is None:
         weights = _json_sha256({"config": config, "init_seed": spec.init_seed})
     else:
