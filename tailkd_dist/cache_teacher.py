@@ -7,26 +7,32 @@ its lm_head once (data/teacher_cache.py has the format, docs/teacher-cache.md th
 config then trains from the cache: the teacher body is never built again.
 
 Launched like training (one process, ``torchrun``, the ``deepspeed`` launcher, the sbatch
-scripts): the teacher runs in the engine of ``engine.kind``, sharded over every rank (ZeRO-3
+scripts with ``COMMAND=cache-teacher``): the teacher runs in the engine of ``engine.kind``, sharded over every rank (ZeRO-3
 inference or FSDP2), each rank computing its own pieces of rows. The work is cut into pieces of
 ``--piece-rows`` rows, each written whole or not at all, so a killed run started again goes on
-from the pieces it had finished and ends with the same bytes as an uninterrupted one.
+from the pieces it had finished and ends with the same bytes as an uninterrupted one; a stop
+signal (SIGTERM, SIGUSR1, Ctrl-C) ends it after the current round of pieces, exit 0, as training
+ends after the current step.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from tailkd_dist import __version__
+from tailkd_dist.signals import StopSignals
+from tailkd_dist.staging import write_atomic
 from tailkd_dist.user_error import ArgumentParser, say_error
 
 PROG = "tailkd-cache-teacher"
@@ -134,17 +140,68 @@ def _batch(rows: list[dict], device) -> dict:
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in ("input_ids", "position_ids")}
 
 
-def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
-    """Write (or finish) the cache; returns the summary (rank 0: what it printed)."""
+def write_cache(cfg, *, piece_rows: int, progress: bool = True, stop: StopSignals | None = None) -> dict:
+    """Write (or finish) the cache; returns the summary (rank 0: what it printed). With ``stop``,
+    a stop signal during the pieces ends the run after the current round of pieces, every rank
+    at the same round (``{"stopped_by": ...}``): a rerun goes on from there."""
     from tailkd_dist.data.dataset import read_manifest
-    from tailkd_dist.data.streaming_compat import MDSWriter
-    from tailkd_dist.data.teacher_cache import (COLUMN, DTYPES, HEAD_FILE, KIND, MDSRows, cache_dtype,
-                                                stable_config)
-    from tailkd_dist.models import full_shape, lm_head_of, teacher_compute_dtype
-    from tailkd_dist.parallel.lm_head import gathered
+    from tailkd_dist.models import full_shape, lm_head_of
+
+    topo, dtype, dtype_name = _start(cfg, piece_rows=piece_rows)
+    out, data = Path(cfg.models.teacher.cache), Path(cfg.data.path)
+    provenance = _provenance(cfg, dtype=dtype_name, piece_rows=piece_rows)
+    manifest = read_manifest(local=str(data))
+    done = check_output(out, provenance)  # every rank, before anything is created
+    if topo.world_size > 1:
+        dist.barrier()
+    if done:
+        if topo.rank == 0:
+            print(f"{PROG}: {out} is already a complete cache of this teacher and these shards: nothing to do")
+        return {"complete": True}
+    if topo.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / MARKER).exists():
+            write_atomic(out / MARKER, json.dumps({**provenance, "created_by": f"tailkd_dist {__version__}"},
+                                                  indent=2) + "\n")
+    if topo.world_size > 1:
+        dist.barrier()
+    hidden, teacher = _load_teacher(cfg, topo, dtype)
+    d = full_shape(lm_head_of(teacher).weight)[1]
+    plan = _Plan.of(manifest, data, piece_rows=piece_rows, d=d, dtype_name=dtype_name)
+    t0 = time.time()
+    with stop.step_loop() if stop is not None else contextlib.nullcontext():
+        tokens_done, stopped = _compute_pieces(plan, hidden, out=out, topo=topo, micro_batch=cfg.data.micro_batch_size,
+                                               stop=stop, progress=progress)
+    if stopped:
+        if topo.rank == 0:
+            sys.stderr.write(f"{PROG}: stopped by {stop.name} with {plan.pieces_in(out)} of {len(plan.tasks)} pieces "
+                             f"written in {out}: run the same command again to finish the cache\n")
+            sys.stderr.flush()
+        return {"stopped_by": stop.signal or "peer"}
+    elapsed = time.time() - t0
+    # Every rank's pieces are on disk before rank 0 indexes them.
+    counts = torch.tensor([tokens_done], device=topo.device, dtype=torch.float64)
+    if topo.world_size > 1:
+        dist.all_reduce(counts)
+    head = _gather_head(teacher, rank=topo.rank)
+    summary = {}
+    if topo.rank == 0:
+        _publish(out, plan, head=head, config=teacher.config.to_dict(), provenance=provenance)
+        summary = plan.summary(out, computed=counts.item(), elapsed=elapsed)
+        print(f"{PROG}: wrote {out}: {summary['rows']} rows, {summary['tokens']} tokens, "
+              f"{summary['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token']:.0f} bytes/token (d = {d}, "
+              f"{dtype_name}); this run computed {int(counts.item())} tokens at {summary['tokens_per_s']:.0f} tokens/s")
+    if topo.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+def _start(cfg, *, piece_rows: int):
+    """The command's own checks and the trainer's start checks (data, vocabulary, memory; the
+    teacher online), before anything is created: (topology, compute dtype, its cache name)."""
+    from tailkd_dist.data.teacher_cache import DTYPES, cache_dtype
+    from tailkd_dist.models import teacher_compute_dtype
     from tailkd_dist.parallel.topology import DistEnv
-    from tailkd_dist.signals import fault_pause, raise_if_stopping
-    from tailkd_dist.staging import write_atomic
     from tailkd_dist.preflight import device_problems, run_preflight
     from tailkd_dist.train import build_topology
 
@@ -160,98 +217,121 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
     if cfg.data.remote is not None:
         raise ValueError("data.remote: the cache is written from local token shards (data.path); copy them "
                          "here first")
+    env = DistEnv.from_environ()
     # The teacher is sharded over every rank: FSDP2 shards over the loss group.
-    cfg.loss.loss_group_size = DistEnv.from_environ().world_size
+    cfg.loss.loss_group_size = env.world_size
     cfg.loss.hidden_weight = 0.0
-    out, data = Path(spec.cache), Path(cfg.data.path)
     topo = build_topology(cfg)
     dtype = teacher_compute_dtype(cfg, topo.device.type)
     dtype_name = cache_dtype(dtype)
     if dtype_name not in DTYPES:
         raise ValueError(f"models.dtype gives the teacher {dtype_name} hidden states; a cache stores float32 or "
                          "bfloat16")
-    rank, W = topo.rank, topo.world_size
-    # The checks the trainer makes at start (data, vocabulary, memory; the teacher online),
-    # before anything is created.
     problems = device_problems(cfg)
-    report = run_preflight(_teacher_only(cfg), world_size=W, local_world_size=DistEnv.from_environ().local_world_size)
-    problems += report.problems
+    problems += run_preflight(_teacher_only(cfg), world_size=topo.world_size,
+                              local_world_size=env.local_world_size).problems
     if problems:
         raise ValueError("preflight: " + "; ".join(problems))
-    provenance = _provenance(cfg, dtype=dtype_name, piece_rows=piece_rows)
-    manifest = read_manifest(local=str(data))
-    done = check_output(out, provenance)  # every rank, before anything is created
-    if W > 1:
-        dist.barrier()
-    if done:
-        if rank == 0:
-            print(f"{PROG}: {out} is already a complete cache of this teacher and these shards: nothing to do")
-        return {"complete": True}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / MARKER).exists():
-            write_atomic(out / MARKER, json.dumps({**provenance, "created_by": f"tailkd_dist {__version__}"},
-                                                  indent=2) + "\n")
-    if W > 1:
-        dist.barrier()
-    hidden, teacher = _load_teacher(cfg, topo, dtype)
-    d = full_shape(lm_head_of(teacher).weight)[1]
-    seq_len = manifest["seq_len"]
-    mds_type = DTYPES[dtype_name][1]
-    # The tokens too: the trainer checks each cache row against the token row it stands beside.
-    columns = {"tokens": manifest.get("columns", {}).get("tokens", f"ndarray:int32:{seq_len + 1}"),
-               COLUMN: f"ndarray:{mds_type}:{seq_len * d}"}
-    splits = sorted(manifest["splits"])
-    readers = {s: MDSRows(data, s) for s in splits}
-    tasks = [(s, i) for s in splits for i in range(math.ceil(len(readers[s]) / piece_rows))]
-    mb = cfg.data.micro_batch_size
-    rounds = math.ceil(len(tasks) / W)
+    return topo, dtype, dtype_name
+
+
+@dataclass
+class _Plan:
+    """The work: every split's rows cut into pieces of ``piece_rows``, and the cache's columns."""
+
+    readers: dict
+    tasks: list
+    piece_rows: int
+    seq_len: int
+    d: int
+    dtype_name: str
+    columns: dict
+
+    @classmethod
+    def of(cls, manifest: dict, data: Path, *, piece_rows: int, d: int, dtype_name: str) -> "_Plan":
+        from tailkd_dist.data.teacher_cache import COLUMN, DTYPES, MDSRows
+
+        seq_len = manifest["seq_len"]
+        # The tokens too: the trainer checks each cache row against the token row it stands beside.
+        columns = {"tokens": manifest.get("columns", {}).get("tokens", f"ndarray:int32:{seq_len + 1}"),
+                   COLUMN: f"ndarray:{DTYPES[dtype_name][1]}:{seq_len * d}"}
+        readers = {s: MDSRows(data, s) for s in sorted(manifest["splits"])}
+        tasks = [(s, i) for s, r in readers.items() for i in range(math.ceil(len(r) / piece_rows))]
+        return cls(readers, tasks, piece_rows, seq_len, d, dtype_name, columns)
+
+    def n_pieces(self, split: str) -> int:
+        return math.ceil(len(self.readers[split]) / self.piece_rows)
+
+    def rows(self, split: str, i: int) -> list[dict]:
+        r = self.readers[split]
+        return [r[k] for k in range(i * self.piece_rows, min((i + 1) * self.piece_rows, len(r)))]
+
+    def pieces_in(self, out: Path) -> int:
+        return sum((out / s / f"{i:06d}").is_dir() for s, i in self.tasks)
+
+    def summary(self, out: Path, *, computed: float, elapsed: float) -> dict:
+        rows = sum(len(r) for r in self.readers.values())
+        size = sum(p.stat().st_size for p in out.rglob("*.mds"))
+        return {"rows": rows, "tokens": rows * self.seq_len, "bytes": size,
+                "bytes_per_token": size / (rows * self.seq_len), "tokens_per_s": computed / max(elapsed, 1e-9),
+                "d": self.d, "dtype": self.dtype_name}
+
+
+def _compute_pieces(plan: _Plan, hidden, *, out: Path, topo, micro_batch: int, stop: StopSignals | None,
+                    progress: bool) -> tuple[int, bool]:
+    """Round j: rank r computes and writes piece j * W + r (unless an earlier run did). Returns
+    (tokens this rank computed, whether the ranks agreed to stop)."""
+    from tailkd_dist.data.streaming_compat import MDSWriter
+    from tailkd_dist.signals import fault_pause
+
+    rank, W = topo.rank, topo.world_size
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), desc="cache", unit="piece", file=sys.stderr)
-    t0, tokens_done = time.time(), 0
-    filler = _batch([readers[splits[0]][0]] * mb, topo.device)  # keeps a rank with no work in step
-    for j in range(rounds):
-        raise_if_stopping()
-        task = tasks[j * W + rank] if j * W + rank < len(tasks) else None
-        target = None
-        if task is not None:
-            split, i = task
-            target = out / split / f"{i:06d}"
-            if target.is_dir():
-                task = None  # finished by an earlier run
-        rows = []
-        if task is not None:
-            start = i * piece_rows
-            rows = [readers[split][k] for k in range(start, min(start + piece_rows, len(readers[split])))]
-        batches = [rows[k:k + mb] for k in range(0, len(rows), mb)]
-        n = torch.tensor([len(batches)], device=topo.device)
+        bar = tqdm(total=len(plan.tasks), desc="cache", unit="piece", file=sys.stderr)
+    first = plan.readers[plan.tasks[0][0]][0]
+    filler = _batch([first] * micro_batch, topo.device)  # keeps a rank with no work in step
+    tokens_done, stopped = 0, False
+    for j in range(math.ceil(len(plan.tasks) / W)):
+        task = plan.tasks[j * W + rank] if j * W + rank < len(plan.tasks) else None
+        target = out / task[0] / f"{task[1]:06d}" if task is not None else None
+        if target is not None and target.is_dir():
+            task = None  # finished by an earlier run
+        rows = plan.rows(*task) if task is not None else []
+        batches = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
+        # ZeRO-3 / FSDP gather the teacher's weights collectively: every rank runs as many
+        # forwards as the busiest one (the others on a filler batch, discarded). The same
+        # exchange carries the stop flag, so the ranks stop at the same round.
+        flags = torch.tensor([len(batches), 0 if stop is None or stop.signal is None else 1], device=topo.device)
         if W > 1:
-            # ZeRO-3 / FSDP gather the teacher's weights collectively: every rank runs as many
-            # forwards as the busiest one (the others on a filler batch, discarded).
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1].item():
+            stopped = True
+            break
         states = []
-        for k in range(int(n.item())):
+        for k in range(int(flags[0].item())):
             if k < len(batches):
                 states.append(hidden(_batch(batches[k], topo.device)).to("cpu"))
             else:
                 hidden(filler)
         if task is not None:
-            _write_piece(target, rows=rows, states=torch.cat(states) if states else None, columns=columns,
-                         dtype=dtype_name, writer_cls=MDSWriter)
-            tokens_done += len(rows) * seq_len
-            fault_pause("cache_piece")  # tests: kill the writer with some pieces done
+            _write_piece(target, rows=rows, states=torch.cat(states), columns=plan.columns,
+                         dtype=plan.dtype_name, writer_cls=MDSWriter)
+            tokens_done += len(rows) * plan.seq_len
+            fault_pause("cache_piece")  # tests: stop or kill the writer with some pieces done
         if bar is not None:
-            bar.update(min(W, len(tasks) - j * W))
+            bar.update(min(W, len(plan.tasks) - j * W))
     if bar is not None:
         bar.close()
-    elapsed = time.time() - t0
-    # Every rank's pieces are on disk before rank 0 indexes them.
-    counts = torch.tensor([tokens_done], device=topo.device, dtype=torch.float64)
-    if W > 1:
-        dist.all_reduce(counts)
+    return tokens_done, stopped
+
+
+def _gather_head(teacher, *, rank: int) -> dict:
+    """The teacher's lm_head (+ bias) on rank 0's CPU."""
+    from tailkd_dist.models import lm_head_of
+    from tailkd_dist.parallel.lm_head import gathered
+
     weight, bias = lm_head_of(teacher).weight, getattr(lm_head_of(teacher), "bias", None)
     head = {}
     with gathered(weight, bias):  # a head loaded into ZeRO-3 partitions: gathered once (all ranks)
@@ -259,31 +339,25 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True) -> dict:
             head["weight"] = weight.detach().to("cpu").clone().contiguous()
             if bias is not None:
                 head["bias"] = bias.detach().to("cpu").clone().contiguous()
-    summary = {}
-    if rank == 0:
-        from safetensors.torch import save_file
+    return head
 
-        for split in splits:
-            _merge_pieces(out / split, n_pieces=math.ceil(len(readers[split]) / piece_rows))
-        tmp = out / f"{HEAD_FILE}.tmp"
-        save_file(head, str(tmp))
-        tmp.replace(out / HEAD_FILE)
-        section = {"kind": KIND, "d": d, "seq_len": seq_len, "config": stable_config(teacher.config.to_dict()),
-                   "splits": {s: {"rows": len(readers[s])} for s in splits}, "columns": columns,
-                   "code_version": __version__, **provenance}
-        raise_if_stopping()
-        write_atomic(out / "manifest.json", json.dumps({"teacher_cache": section}, indent=2) + "\n")
-        rows_all = sum(len(r) for r in readers.values())
-        size = sum(p.stat().st_size for p in out.rglob("*.mds"))
-        summary = {"rows": rows_all, "tokens": rows_all * seq_len, "bytes": size,
-                   "bytes_per_token": size / (rows_all * seq_len), "tokens_per_s": counts.item() / max(elapsed, 1e-9),
-                   "d": d, "dtype": dtype_name}
-        print(f"{PROG}: wrote {out}: {rows_all} rows, {rows_all * seq_len} tokens, {size / 2**20:.1f} MiB, "
-              f"{summary['bytes_per_token']:.0f} bytes/token (d = {d}, {dtype_name}); this run computed "
-              f"{int(counts.item())} tokens at {summary['tokens_per_s']:.0f} tokens/s")
-    if W > 1:
-        dist.barrier()
-    return summary
+
+def _publish(out: Path, plan: _Plan, *, head: dict, config: dict, provenance: dict) -> None:
+    """Rank 0, every piece on disk: the splits' indexes, the head, and the manifest last (a cache
+    without it is unfinished)."""
+    from safetensors.torch import save_file
+
+    from tailkd_dist.data.teacher_cache import HEAD_FILE, KIND, stable_config
+
+    for split in plan.readers:
+        _merge_pieces(out / split, n_pieces=plan.n_pieces(split))
+    tmp = out / f"{HEAD_FILE}.tmp"
+    save_file(head, str(tmp))
+    tmp.replace(out / HEAD_FILE)
+    section = {"kind": KIND, "d": plan.d, "seq_len": plan.seq_len, "config": stable_config(config),
+               "splits": {s: {"rows": len(r)} for s, r in plan.readers.items()}, "columns": plan.columns,
+               "code_version": __version__, **provenance}
+    write_atomic(out / "manifest.json", json.dumps({"teacher_cache": section}, indent=2) + "\n")
 
 
 def _teacher_only(cfg):
@@ -327,7 +401,6 @@ def _merge_pieces(split_dir: Path, *, n_pieces: int) -> None:
 
 def main(argv=None) -> int:
     from tailkd_dist.config import load_config
-    from tailkd_dist.signals import unwind_on_signals
 
     ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="the training config (YAML); models.teacher.cache names the cache")
@@ -342,15 +415,24 @@ def main(argv=None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = list(args.overrides) + ([f"engine.kind={args.engine}"] if args.engine else [])
-    with unwind_on_signals(PROG):
+    # As training: a signal while pieces are computed stops after the current round (every
+    # rank at the same one); anywhere else it ends the process at once. Pieces, head and
+    # manifest are each published whole, so either way a rerun goes on where this one stopped.
+    with StopSignals() as stop:
         try:
             cfg = load_config(args.config, overrides)
-            write_cache(cfg, piece_rows=args.piece_rows, progress=not args.no_progress)
+            write_cache(cfg, piece_rows=args.piece_rows, progress=not args.no_progress, stop=stop)
         except (ValueError, OSError) as e:
             from tailkd_dist.staging import describe_write_error
 
             say_error(PROG, describe_write_error(e) if isinstance(e, OSError) else e)
             return 2
+        except RuntimeError as e:  # a failed collective: name the rank(s) it was waiting for
+            from tailkd_dist.parallel import liveness
+
+            if liveness.report(e, prog=PROG):
+                return 1
+            raise
     return 0
 
 

@@ -54,7 +54,8 @@ class StopSignals:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal is not None else "peer"
+        # (A rank that got no signal itself stops because another rank got one.)
+        return signal.Signals(self.signal).name if self.signal is not None else "a signal to another rank"
 
     def requested(self, topo) -> bool:
         import torch

@@ -41,3 +41,26 @@ def clean_shm():
     from trainer_utils import cleanup_shm
 
     cleanup_shm()
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """A small slice of the python-stdlib shards (169 rows of 32 tokens): the teacher cache's."""
+    from trainer_utils import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("small") / "stdlib", docs=6)
+
+
+@pytest.fixture(scope="session")
+def cache1(small, tmp_path_factory):
+    """A teacher cache of ``small`` written by one process (FSDP2's teacher, fp32, pieces of 16
+    rows); tests compare other writers' bytes with it and only read it."""
+    from teacher_cache_utils import config, tree, write
+
+    tmp = tmp_path_factory.mktemp("cache1")
+    cfg = config(tmp / "c.yaml", small, tmp / "unused", cache=tmp / "cache")
+    out = write(cfg)
+    assert "wrote" in out.stdout and "bytes/token" in out.stdout, out.stdout
+    before = tree(tmp / "cache")
+    yield tmp / "cache"
+    assert tree(tmp / "cache") == before, "a test changed the shared cache: work on a copy"

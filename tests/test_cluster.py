@@ -442,6 +442,54 @@ def test_slurm_batch_scripts_complete_requeue_and_resume(slurm, data, tmp_path):
     assert sorted({e.step for e in acc.Scalars("loss/total")}) == list(range(1, 13))
 
 
+@pytest.mark.slow
+def test_slurm_script_writes_a_teacher_cache_stopped_requeued_and_finished(slurm, small, cache1, tmp_path):
+    """COMMAND=cache-teacher: the torchrun script runs tailkd-cache-teacher on 2 ranks. USR1 to
+    the batch shell once a piece is on disk -> the writers finish their round and stop ->
+    the script requeues the job -> the new run goes on from the written pieces and completes:
+    the same bytes as one uninterrupted process."""
+    from teacher_cache_utils import config, tree
+
+    cache = tmp_path / "cache"
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=cache)
+    release = tmp_path / "release"
+    job_env = {"CONFIG": str(cfg), "COMMAND": "cache-teacher", "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
+               "MASTER_PORT": str(free_port()), "COMMAND_ARGS": "--piece-rows 16 --no-progress",
+               # each writer pauses once after its first piece, until the test releases it
+               "TAILKD_TEST_PAUSE": "cache_piece:120", "TAILKD_TEST_RELEASE": str(release)}
+    job = slurm.sbatch("train_torchrun.sbatch", cwd=tmp_path, job_env=job_env)
+    log = tmp_path / f"slurm-{job}.out"
+    t0 = time.time()
+    while not (cache / "train" / "000000").is_dir():
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        assert time.time() - t0 < 240, "the writer never wrote a piece"
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    # The script relays USR1 to the writers within its 2 s poll; then they may go on.
+    t0 = time.time()
+    while "USR1: the cache writer will stop" not in log.read_text():
+        assert time.time() - t0 < 30, log.read_text()[-4000:]
+        time.sleep(0.2)
+    time.sleep(8)
+    release.touch()
+    info = slurm.wait_job(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), 120, log)
+    text = log.read_text()
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, text[-4000:])
+    assert not (cache / "manifest.json").exists()
+    written = sorted(str(p.relative_to(cache)) for p in cache.glob("*/[0-9]*") if p.is_dir())
+    assert written == ["train/000000", "train/000001"], (written, text[-4000:])
+    assert "tailkd-cache-teacher: stopped by SIGUSR1 with 2 of 11 pieces written" in text, text[-4000:]
+    assert f"requeueing job {job}; it goes on from 2 written pieces" in text
+    time.sleep(2.5)  # (see the training test: a requeued job's credential)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait_job(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert info["Restarts"] == "1" and "(restart 1)" in text and "2 pieces written" in text
+    assert "cache-teacher exited with 0; cache " in text and "11 pieces written, complete" in text, text[-4000:]
+    assert tree(cache) == tree(cache1)
+
+
 # ============================================================================================
 # two hosts in network namespaces
 # ============================================================================================

@@ -8,77 +8,18 @@ computes, so equality is demanded to 1e-6).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from trainer_utils import REPO, STUDENT, TEACHER, cleanup_shm, close_by_step, env, free_port, losses, prepare_data, run
-from trainer_utils import write_config as _write_config
+from teacher_cache_utils import ENGINES, VOCAB, cache_command, config, tree, write
+from trainer_utils import REPO, TEACHER, close_by_step, env, losses, run
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
-
-VOCAB = 515  # uneven vocabulary shards over a loss group of 2
-ENGINES = {"deepspeed": dict(engine__kind="deepspeed", engine__ds_config=str(REPO / "ds_configs/zero3.json")),
-           "fsdp2": dict(engine__kind="fsdp2")}
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("small") / "stdlib", docs=6)
-
-
-def config(path: Path, data: Path, out: Path, *, engine: str = "fsdp2", cache: Path | None = None,
-           online: bool = True, **overrides) -> Path:
-    """The run (or the cache) config: teacher and student built from HF configs."""
-    tok = str(data / "tokenizer")
-    teacher = {"config": {**TEACHER, "vocab_size": VOCAB}, "tokenizer": tok, "init_seed": 1} if online else {}
-    if cache is not None:
-        teacher["cache"] = str(cache)
-    base = dict(models__teacher=teacher,
-                models__student={"config": {**STUDENT, "vocab_size": VOCAB}, "tokenizer": tok, "init_seed": 2},
-                optim__max_steps=3, optim__grad_clip=0.3, checkpoint__export_hf_at_end=True, eval__max_batches=1)
-    return _write_config(path, data, out, **{**base, **ENGINES[engine], **overrides})
-
-
-def cache_command(cfg: Path, *, nproc: int = 1, extra=()) -> list[str]:
-    module = ["-m", "tailkd_dist.cache_teacher", str(cfg), "--piece-rows", "16", "--no-progress", *extra]
-    if nproc == 1:
-        return [sys.executable, *module]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), *module]
-
-
-def write(cfg: Path, *, nproc: int = 1, check: bool = True, **kw):
-    try:
-        out = subprocess.run(cache_command(cfg, nproc=nproc), env={**env(), **kw}, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
-    finally:
-        cleanup_shm()
-    if check:
-        assert out.returncode == 0, out.stderr[-4000:]
-    return out
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file under ``root``: relative path -> sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def cache1(small, tmp_path_factory):
-    """A cache written by one process (FSDP2's teacher, fp32)."""
-    tmp = tmp_path_factory.mktemp("cache1")
-    cfg = config(tmp / "c.yaml", small, tmp / "unused", cache=tmp / "cache")
-    out = write(cfg)
-    assert "wrote" in out.stdout and "bytes/token" in out.stdout, out.stdout
-    return tmp / "cache"
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -116,18 +57,27 @@ def test_training_from_the_cache_equals_the_online_teacher(small, cache1, tmp_pa
         assert (a[k] - b[k]).norm() <= 1e-6 * b[k].norm(), k
 
 
-def test_killed_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
-    """SIGKILL once a piece is done (a stale unfinished piece beside it); the same command
-    again finishes the cache: the files equal an uninterrupted cache's, byte for byte."""
+def _start_paused(cfg: Path, tmp: Path, piece: str) -> subprocess.Popen:
+    """The writer (one process), paused once the piece ``piece`` (split/NNNNNN) is on disk."""
+    release = tmp / "release"
+    release.unlink(missing_ok=True)
+    proc = subprocess.Popen(cache_command(cfg), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120", "TAILKD_TEST_RELEASE": str(release)})
+    t0 = time.time()
+    while not (tmp / "cache" / piece).is_dir():
+        assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # inside the pause after that piece
+    return proc
+
+
+def test_killed_or_stopped_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
+    """SIGKILL once a piece is done (a stale unfinished piece beside it); SIGTERM in the next
+    run (it finishes its piece, says where it stopped, exits 0); the same command again
+    finishes the cache: the files equal an uninterrupted cache's, byte for byte."""
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
-    proc = subprocess.Popen(cache_command(cfg), env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120"}, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_paused(cfg, tmp_path, "train/000000")
     try:
-        t0 = time.time()
-        while not (tmp_path / "cache" / "train" / "000000").is_dir():
-            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
-        time.sleep(0.5)  # inside the pause after the first piece
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -137,10 +87,58 @@ def test_killed_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
     stale = tmp_path / "cache" / "train" / "000003.partial"
     stale.mkdir()
     (stale / "shard.00000.mds").write_bytes(b"half a piece")
+
+    proc = _start_paused(cfg, tmp_path, "train/000001")  # the run goes on after piece 0
+    try:
+        proc.send_signal(signal.SIGTERM)
+        (tmp_path / "release").touch()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher:")]
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert lines == [f"tailkd-cache-teacher: stopped by SIGTERM with 2 of 11 pieces written in {tmp_path / 'cache'}: "
+                     "run the same command again to finish the cache"], err[-3000:]
+    assert not (tmp_path / "cache" / "manifest.json").exists() and not (tmp_path / "cache" / "train" / "000002").exists()
+
     write(cfg)
     assert tree(tmp_path / "cache") == tree(cache1)
     again = write(cfg)  # complete: nothing to do, nothing changed
     assert "already a complete cache" in again.stdout and tree(tmp_path / "cache") == tree(cache1)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_round(small, tmp_path):
+    """SIGTERM to one of two writers: both finish the round, agree, and stop (rc 0, one line,
+    no rank left waiting in a collective); the rerun finishes the cache."""
+    import psutil
+
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
+    release = tmp_path / "release"
+    proc = subprocess.Popen(cache_command(cfg, nproc=2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120",
+                                            "TAILKD_TEST_RELEASE": str(release)})
+    try:
+        t0 = time.time()
+        while not all((tmp_path / "cache" / "train" / p).is_dir() for p in ("000000", "000001")):
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
+        assert len(workers) == 2, workers
+        workers[-1].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        release.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher:")]
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and "with 2 of 11 pieces written" in lines[0], err[-3000:]
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    write(cfg, nproc=2)
+    assert (tmp_path / "cache" / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("case", ["other shards", "other teacher", "other dtype", "damaged manifest"])
