@@ -39,7 +39,7 @@ setup(
         "pydantic>=2.7,<3",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
     entry_points={
         "console_scripts": [
             "tailkd-prepare-data=tailkd_dist.data.prepare:main",

@@ -146,8 +146,17 @@ def kill_one_worker(launcher_proc: subprocess.Popen) -> int:
 
 
 def cleanup_shm() -> None:
-    """The deepspeed launcher leaves a 66 MiB /dev/shm buffer per rank (environment.md)."""
+    """The deepspeed launcher leaves a 66 MiB /dev/shm buffer per rank (environment.md): remove
+    those no process maps (a run still going, in a test beside this one, keeps its own)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(ln.split()[-1] for ln in maps.read_text().splitlines() if "deepspeed_allreduce_buffer_" in ln)
+        except OSError:  # the process ended, or is not ours to read
+            pass
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        if str(f) in mapped:
+            continue
         try:
             f.unlink()
         except OSError:
