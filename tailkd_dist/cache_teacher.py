@@ -217,6 +217,10 @@ def _start(cfg, *, piece_rows: int):
     if cfg.data.remote is not None:
         raise ValueError("data.remote: the cache is written from local token shards (data.path); copy them "
                          "here first")
+    if spec.cache_remote is not None:
+        raise ValueError(f"config key 'models.teacher.cache_remote' = {spec.cache_remote!r}: the cache is written "
+                         "to models.teacher.cache, a local directory; copy it to the remote once it is complete "
+                         "(aws s3 sync, gcloud storage rsync, ...), then train with cache_remote set")
     env = DistEnv.from_environ()
     # The teacher is sharded over every rank: FSDP2 shards over the loss group.
     cfg.loss.loss_group_size = env.world_size
@@ -347,14 +351,16 @@ def _publish(out: Path, plan: _Plan, *, head: dict, config: dict, provenance: di
     without it is unfinished)."""
     from safetensors.torch import save_file
 
-    from tailkd_dist.data.teacher_cache import HEAD_FILE, KIND, stable_config
+    from tailkd_dist.data.teacher_cache import HEAD_FILE, KIND, file_sha256, stable_config
 
     for split in plan.readers:
         _merge_pieces(out / split, n_pieces=plan.n_pieces(split))
     tmp = out / f"{HEAD_FILE}.tmp"
     save_file(head, str(tmp))
     tmp.replace(out / HEAD_FILE)
+    # The head's hash: a reader of a remote copy fetches it only when its own copy differs.
     section = {"kind": KIND, "d": plan.d, "seq_len": plan.seq_len, "config": stable_config(config),
+               "head_sha256": file_sha256(out / HEAD_FILE),
                "splits": {s: {"rows": len(r)} for s, r in plan.readers.items()}, "columns": plan.columns,
                "code_version": __version__, **provenance}
     write_atomic(out / "manifest.json", json.dumps({"teacher_cache": section}, indent=2) + "\n")

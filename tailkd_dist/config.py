@@ -66,7 +66,13 @@ class ModelSpec:
     """Teacher only: a teacher cache directory (``tailkd-cache-teacher`` writes it here from
     ``path`` or ``config`` and the token shards in ``data.path``). Training then reads the
     teacher's hidden states and head from it and never builds the teacher; with ``path`` or
-    ``config`` also given, the cache must have been made from that teacher."""
+    ``config`` also given, the cache must have been made from that teacher. A local (or mounted)
+    directory: with ``cache_remote``, where the remote cache's files are fetched to."""
+    cache_remote: Text | None = None
+    """Teacher only: where the cache lives when not local (s3://..., gs://..., oci://..., or
+    another directory), as ``data.remote`` for the token shards: its manifest and head are
+    fetched into ``cache`` at start, each shard of hidden states when a row of it is first
+    read (streaming checks its hash)."""
 
 
 @dataclass(kw_only=True)
@@ -432,12 +438,17 @@ def validate(cfg: TrainConfig) -> None:
                 check_tokenizer_dir(spec.tokenizer)
             except ValueError as e:
                 raise ValueError(f"config key 'models.{role}.tokenizer' = {spec.tokenizer!r}: {e}") from None
-        if role == "student" and spec.cache is not None:
-            raise ValueError("config key 'models.student.cache': only the teacher can be read from a cache")
+        if role == "student" and (spec.cache is not None or spec.cache_remote is not None):
+            key = "cache" if spec.cache is not None else "cache_remote"
+            raise ValueError(f"config key 'models.student.{key}': only the teacher can be read from a cache")
+        if role == "teacher" and spec.cache_remote is not None and spec.cache is None:
+            raise ValueError(f"config key 'models.teacher.cache_remote' = {spec.cache_remote!r} needs "
+                             "models.teacher.cache: the local directory its files are fetched into")
         if role == "teacher" and spec.cache is not None:
             if "://" in spec.cache:
-                raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: a cache is read from a local "
-                                 "(or mounted shared) directory; copy it there first")
+                raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r} is the local (or mounted) "
+                                 "directory the cache is read from: name a remote cache in "
+                                 "models.teacher.cache_remote and a local directory here")
             if cfg.loss.divergence == "none":
                 raise ValueError(f"config key 'models.teacher.cache' = {spec.cache!r}: loss.divergence none trains "
                                  "without a teacher; drop the cache or choose a divergence")

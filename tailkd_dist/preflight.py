@@ -626,7 +626,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         from tailkd_dist.data.teacher_cache import read_cache_manifest
 
         try:
-            cache = read_cache_manifest(t_spec.cache)
+            cache = read_cache_manifest(t_spec.cache, remote=t_spec.cache_remote)
         except ValueError as e:
             r.problems.append(str(e))
     has_teacher = online or cache is not None
@@ -660,7 +660,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     if cache is not None and "teacher" in stats:
         # Read from the cache: no teacher body on any rank, only its head and hidden states.
         stats["teacher"] = dataclasses.replace(stats["teacher"], body_params=0, largest_block=0, ffn=0)
-        r.info.append(f"teacher: read from the cache {t_spec.cache} (its body is never built)")
+        r.info.append(f"teacher: read from the cache {t_spec.cache_remote or t_spec.cache} (its body is never built)")
     if cfg.loss.hidden_weight > 0 and {"teacher", "student"} <= set(stats):
         from tailkd_dist.hidden import check_layer_map, default_layer_map
 

@@ -116,10 +116,11 @@ def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
     models = {}
     for role, spec, zero3 in (("teacher", cfg.models.teacher, t_zero3), ("student", cfg.models.student, s_zero3)):
         if role == "teacher" and spec.cache is not None:
-            models[role] = cached_teacher_model(spec.cache)  # its head; no body is ever built
+            models[role] = cached_teacher_model(spec.cache, remote=spec.cache_remote)  # its head; no body
             if topo.rank == 0:
-                log.info("teacher: read from the cache %s (its final hidden states and lm_head; the teacher "
-                         "itself is never built)", spec.cache)
+                fetched = f", fetched into {spec.cache}" if spec.cache_remote else ""
+                log.info("teacher: read from the cache %s%s (its final hidden states and lm_head; the teacher "
+                         "itself is never built)", spec.cache_remote or spec.cache, fetched)
             continue
         if role == "teacher" and spec.path is None and spec.config is None:
             models[role] = None  # CE-only training
@@ -141,15 +142,16 @@ def load_models(cfg: TrainConfig, topo, dtype: torch.dtype):
     return models["teacher"], models["student"]
 
 
-def cached_teacher_model(cache: str):
+def cached_teacher_model(cache: str, *, remote: str | None = None):
     """The teacher of a cache as the engines take it: its config and lm_head, no body."""
     from transformers import AutoConfig
 
     from tailkd_dist.data.teacher_cache import load_head, read_cache_manifest
     from tailkd_dist.engines.teacher import CacheHeadModel
 
-    raw = dict(read_cache_manifest(cache)["teacher_cache"]["config"])
-    weight, bias = load_head(cache)
+    section = read_cache_manifest(cache, remote=remote)["teacher_cache"]
+    raw = dict(section["config"])
+    weight, bias = load_head(cache, remote=remote, sha256=section.get("head_sha256"))
     return CacheHeadModel(config=AutoConfig.for_model(raw.pop("model_type"), **raw), weight=weight, bias=bias)
 
 
@@ -158,6 +160,7 @@ def make_loaders(cfg: TrainConfig, *, tok_dir, vocab: int):
 
     common = dict(local=cfg.data.path if cfg.data.remote is None else os.path.join(cfg.output_dir, "data_cache"),
                   remote=cfg.data.remote, teacher_cache=cfg.models.teacher.cache,
+                  teacher_cache_remote=cfg.models.teacher.cache_remote,
                   batch_size=cfg.data.micro_batch_size,
                   num_workers=cfg.data.num_workers, tokenizer_dir=tok_dir, model_vocab_size=vocab)
     train = make_loader(LoaderConfig(split=cfg.data.train_split, shuffle=True, seed=cfg.data.shuffle_seed,

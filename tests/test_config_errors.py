@@ -26,6 +26,7 @@ TABLE: dict[str, list] = {
     "models.teacher.tokenizer": None,
     "models.student.path": ["@MISSING", "@EMPTYDIR"], "models.student.config": [{}],
     "models.student.tokenizer": None, "models.teacher.cache": ["s3://bucket/cache"], "models.student.cache": ["/a/cache"],
+    "models.teacher.cache_remote": ["s3://bucket/cache"], "models.student.cache_remote": ["/a/cache"],
     "models.dtype": ["fp16", "float32"], "models.attention": ["flash", "kernels-community/x"],
     "models.freeze_embeddings": None,
     "data.path": [""], "data.remote": None, "data.train_split": None, "data.eval_split": None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tailkd_dist.data.teacher_cache import HEAD_FILE
 from teacher_cache_utils import ENGINES, VOCAB, cache_command, config, tree, write
 from trainer_utils import REPO, TEACHER, close_by_step, env, losses, run
 
@@ -50,6 +51,18 @@ def test_training_from_the_cache_equals_the_online_teacher(small, cache1, tmp_pa
     out = run(cached, launcher="torchrun", nproc=2)
     assert f"teacher: read from the cache {cache1}" in out.stderr, out.stderr[-3000:]
     close_by_step(losses(tmp_path / "cached"), losses(tmp_path / "online"), 1e-6, f"{engine} group {group}")
+    if (engine, group) == ("fsdp2", 2):
+        # The same cache as a remote (streaming reaches a directory as it reaches s3://):
+        # fetched into an empty local directory as it is read, the same numbers.
+        local = tmp_path / "fetched"
+        remote = config(tmp_path / "remote.yaml", small, tmp_path / "remote", online=False,
+                        models__teacher={"cache": str(local), "cache_remote": str(cache1)}, **kw)
+        out = run(remote, launcher="torchrun", nproc=2)
+        assert f"teacher: read from the cache {cache1}" in out.stderr, out.stderr[-3000:]
+        assert losses(tmp_path / "remote") == losses(tmp_path / "cached")
+        assert tree(local / "train") and (local / HEAD_FILE).read_bytes() == (cache1 / HEAD_FILE).read_bytes()
+        fetched = {p for p in tree(local) if p.endswith(".mds")}
+        assert fetched and fetched <= set(tree(cache1)), fetched
     a = load_file(tmp_path / "cached" / "hf_student" / "model.safetensors")
     b = load_file(tmp_path / "online" / "hf_student" / "model.safetensors")
     assert sorted(a) == sorted(b)
@@ -205,6 +218,27 @@ def test_the_writer_never_touches_what_it_did_not_write(small, cache1, tmp_path,
     assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr and tree(tmp_path) == before
     assert target.exists() == (case != "no token shards")
+
+
+def test_a_remote_head_that_is_not_the_manifests_is_refused(cache1, tmp_path):
+    """A damaged or partial copy of the head on the remote: one line, not a wrong teacher."""
+    import shutil
+
+    from tailkd_dist.data.teacher_cache import load_head, read_cache_manifest
+
+    remote = tmp_path / "remote"
+    shutil.copytree(cache1, remote)
+    section = read_cache_manifest(tmp_path / "local", remote=str(remote))["teacher_cache"]
+    weight, _ = load_head(tmp_path / "local", remote=str(remote), sha256=section["head_sha256"])
+    assert weight.shape == (VOCAB, 48)
+    head = bytearray((remote / HEAD_FILE).read_bytes())
+    head[-4:] = b"\0\0\0\0"
+    (remote / HEAD_FILE).write_bytes(bytes(head))
+    (tmp_path / "local" / HEAD_FILE).write_bytes(b"stale")  # not the manifest's: fetched again
+    with pytest.raises(ValueError, match="is not the head its manifest names"):
+        load_head(tmp_path / "local", remote=str(remote), sha256=section["head_sha256"])
+    with pytest.raises(ValueError, match="cannot fetch .*manifest.json"):
+        read_cache_manifest(tmp_path / "local2", remote=str(tmp_path / "nowhere"))
 
 
 def test_what_needs_the_online_teacher_says_so(small, cache1, tmp_path, capsys):

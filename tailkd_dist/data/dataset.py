@@ -93,6 +93,26 @@ class LoaderConfig:
     teacher_cache: str | None = None
     """A teacher cache of these shards (local directory): each sample also gets its row's
     ``teacher_hidden`` [seq_len, d] (data/teacher_cache.py)."""
+    teacher_cache_remote: str | None = None
+    """Where the teacher cache lives when not local: its files are fetched into `teacher_cache`."""
+
+
+def fetch_file(remote: str, name: str, local: str | os.PathLike, *, timeout: float, written_by: str) -> Path:
+    """``remote``/``name`` (s3://..., gs://..., a directory: whatever streaming reaches) into
+    ``local``/``name``, published whole; ValueError naming the source when it cannot be fetched."""
+    path = Path(local) / name
+    source = f"{remote.rstrip('/')}/{name}"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")  # ranks may fetch it at the same time
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.unlink(missing_ok=True)
+        CloudDownloader.direct_download(source, str(tmp), timeout)
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot fetch {source} ({error}): is {remote} a directory written by {written_by}?") \
+            from error
+    tmp.replace(path)
+    return path
 
 
 def read_manifest(
@@ -101,16 +121,7 @@ def read_manifest(
     """manifest.json of a prepared dataset (fetched from `remote` into `local` when given)."""
     path = Path(local) / MANIFEST
     if remote is not None:
-        source = f"{remote.rstrip('/')}/{MANIFEST}"
-        tmp = path.with_name(f"{MANIFEST}.{os.getpid()}")  # ranks may fetch it at the same time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.unlink(missing_ok=True)
-            CloudDownloader.direct_download(source, str(tmp), timeout)
-        except Exception as error:
-            raise ValueError(f"cannot fetch {source} ({error}): is {remote} a directory written "
-                             "by tailkd-prepare-data?") from error
-        tmp.replace(path)
+        fetch_file(remote, MANIFEST, local, timeout=timeout, written_by="tailkd-prepare-data")
     if not path.is_file():
         raise ValueError(f"{path} does not exist: {local} was not written by tailkd-prepare-data, "
                          "or its preparation did not finish (manifest.json is written last).")
@@ -254,6 +265,24 @@ def _sample(tokens: np.ndarray, doc_ids: np.ndarray) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
+def _streaming_with_retry(*, dataset: StreamingDataset | None = None, **kwargs) -> StreamingDataset:
+    """``StreamingDataset(**kwargs)`` (or its ``__init__`` on ``dataset``, a subclass's instance).
+    streaming picks a free shared-memory prefix by listing /dev/shm and then creating
+    "<prefix>_locals"; two jobs starting on one node at the same moment can pick the same one
+    and the loser gets FileExistsError. Nothing else exists yet then: retry."""
+    for attempt in range(5):
+        try:
+            if dataset is None:
+                return StreamingDataset(**kwargs)
+            StreamingDataset.__init__(dataset, **kwargs)
+            return dataset
+        except FileExistsError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
 class PackedTokenDataset(StreamingDataset):
     """StreamingDataset over one split of prepared shards, yielding samples (see the module)."""
 
@@ -281,31 +310,31 @@ class PackedTokenDataset(StreamingDataset):
         if config.teacher_cache is not None:
             from tailkd_dist.data.teacher_cache import read_cache_manifest
 
-            self.teacher_cache = read_cache_manifest(config.teacher_cache)["teacher_cache"]
+            self.teacher_cache = read_cache_manifest(config.teacher_cache, remote=config.teacher_cache_remote,
+                                                     timeout=config.download_timeout)["teacher_cache"]
             rows = self.teacher_cache["splits"].get(config.split, {}).get("rows")
             if rows != splits[config.split]["rows"]:
-                raise ValueError(f"teacher cache {config.teacher_cache} holds {rows} rows of split {config.split!r}, "
-                                 f"the token shards {splits[config.split]['rows']}: it was made from other shards")
-            self._cache_rows = None  # opened on first use, in the process that reads
+                raise ValueError(f"teacher cache {config.teacher_cache_remote or config.teacher_cache} holds {rows} "
+                                 f"rows of split {config.split!r}, the token shards {splits[config.split]['rows']}: "
+                                 "it was made from other shards")
+            self._cache_rows = None  # a local cache: opened on first use, in the process that reads
+            if config.teacher_cache_remote is not None:
+                # streaming fetches (and hash-checks) each shard of the cache when a row of it
+                # is first read; random access by row index, so no shuffle of its own.
+                self._cache_rows = _streaming_with_retry(
+                    remote=config.teacher_cache_remote, local=config.teacher_cache, split=config.split,
+                    shuffle=False, batch_size=config.batch_size, validate_hash=config.validate_hash,
+                    download_timeout=config.download_timeout, num_canonical_nodes=config.num_canonical_nodes,
+                    replication=config.replication)
         self._shard_error: Exception | None = None
         # Before streaming allocates shared memory, so a bad shard fails cleanly and early.
         check_local_shards(Path(config.local, config.split), remote=config.remote,
                            mode=config.local_check, algo=config.validate_hash)
-        # streaming picks a free shared-memory prefix by listing /dev/shm and then creating
-        # "<prefix>_locals"; two jobs starting on one node at the same moment can pick the same
-        # one and the loser gets FileExistsError. Nothing else exists yet then: retry.
-        for attempt in range(5):
-            try:
-                super().__init__(
-                    remote=config.remote, local=config.local, split=config.split,
-                    batch_size=config.batch_size, shuffle=config.shuffle, shuffle_seed=config.seed,
-                    validate_hash=config.validate_hash, download_timeout=config.download_timeout,
-                    num_canonical_nodes=config.num_canonical_nodes, replication=config.replication)
-                break
-            except FileExistsError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 + random.random())
+        _streaming_with_retry(
+            remote=config.remote, local=config.local, split=config.split,
+            batch_size=config.batch_size, shuffle=config.shuffle, shuffle_seed=config.seed,
+            validate_hash=config.validate_hash, download_timeout=config.download_timeout,
+            num_canonical_nodes=config.num_canonical_nodes, replication=config.replication, dataset=self)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         # streaming downloads in a background thread; when that thread fails, its iterator just
@@ -335,7 +364,8 @@ class PackedTokenDataset(StreamingDataset):
                 self._cache_rows = MDSRows(Path(self.config.teacher_cache), self.config.split)
             cached = self._cache_rows[idx]
             if not np.array_equal(cached["tokens"], row["tokens"]):
-                raise ValueError(f"teacher cache {self.config.teacher_cache}: row {idx} of split {self.config.split!r} "
+                where = self.config.teacher_cache_remote or self.config.teacher_cache
+                raise ValueError(f"teacher cache {where}: row {idx} of split {self.config.split!r} "
                                  "holds other tokens than the token shards' row: the cache was made from other shards")
             c = self.teacher_cache
             sample["teacher_hidden"] = hidden_of(cached, seq_len=self.seq_len, d=c["d"], dtype=c["dtype"])

@@ -97,9 +97,14 @@ def teacher_identity(spec) -> dict:
             "model_type": config.get("model_type"), "source": spec.path or "models.teacher.config"}
 
 
-def read_cache_manifest(cache: str | os.PathLike) -> dict:
-    """The cache's manifest (the token manifest + its "teacher_cache" section); ValueError in
-    one line when the directory is not a complete cache."""
+def read_cache_manifest(cache: str | os.PathLike, *, remote: str | None = None, timeout: float = 60.0) -> dict:
+    """The cache's manifest (the token manifest + its "teacher_cache" section), fetched from
+    ``remote`` into ``cache`` first when given; ValueError in one line when the directory is not
+    a complete cache."""
+    if remote is not None:
+        from tailkd_dist.data.dataset import fetch_file
+
+        fetch_file(remote, MANIFEST, cache, timeout=timeout, written_by="tailkd-cache-teacher (and complete)")
     path = Path(cache) / MANIFEST
     if not path.is_file():
         what = "does not exist" if not Path(cache).exists() else "holds no manifest.json"
@@ -144,13 +149,22 @@ def check_cache_matches(manifest: dict, *, cache: str, data_manifest_path: str |
                          "device like this run's, or set models.dtype to match")
 
 
-def load_head(cache: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's lm_head (weight [V, d], bias [V] or None) stored in the cache."""
+def load_head(cache: str | os.PathLike, *, remote: str | None = None, sha256: str | None = None,
+              timeout: float = 600.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's lm_head (weight [V, d], bias [V] or None) stored in the cache; from
+    ``remote`` unless ``cache`` already holds the file of that ``sha256`` (the manifest's)."""
     from safetensors.torch import load_file
 
     path = Path(cache) / HEAD_FILE
+    if remote is not None and not (sha256 is not None and path.is_file() and file_sha256(path) == sha256):
+        from tailkd_dist.data.dataset import fetch_file
+
+        fetch_file(remote, HEAD_FILE, cache, timeout=timeout, written_by="tailkd-cache-teacher (and complete)")
     if not path.is_file():
         raise ValueError(f"teacher cache {cache} has no {HEAD_FILE}: write the cache again")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"teacher cache {remote or cache}: {HEAD_FILE} is not the head its manifest names "
+                         "(sha256 differs): a damaged or partial copy; copy or write the cache again")
     tensors = load_file(str(path))
     return tensors["weight"], tensors.get("bias")
 
