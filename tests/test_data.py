@@ -427,3 +427,38 @@ def test_loader_requires_the_world_in_the_environment(jsonl_out, monkeypatch):
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE .* is not set"):
         PackedTokenDataset(config=LoaderConfig(local=str(out)))
+
+
+_JOB = '''import sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from tailkd_dist.data.dataset import LoaderConfig, make_loader
+next(iter(make_loader(LoaderConfig(local=sys.argv[1], split="train", batch_size=2, shuffle=True))))
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_jobs_starting_together_on_one_node_do_not_collide(small, tmp_path):
+    """Three 2-rank jobs start their loaders at the same moment, twice: streaming's shared-memory
+    registration of one job never meets another's (without the node lock in data/remote.py
+    this failed or hung within a few rounds: "shared memory registered does not match local
+    leader", FileExistsError on a leader)."""
+    from trainer_utils import env, free_port
+
+    script = tmp_path / "job.py"
+    script.write_text(_JOB)
+    for _ in range(2):
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(free_port()), str(script), str(small)],
+                                  env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(3)]
+        try:
+            outs = [p.communicate(timeout=180)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out[-3000:]

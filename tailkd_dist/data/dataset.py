@@ -29,8 +29,6 @@ number of ranks (streaming's elastic deterministic order).
 from __future__ import annotations
 
 import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,11 +39,11 @@ import torch.distributed as dist
 
 from tailkd_dist.data import FORMAT, MANIFEST
 from tailkd_dist.data.streaming_compat import (
-    CloudDownloader,
     StreamingDataLoader,
     StreamingDataset,
     get_hash,
 )
+from tailkd_dist.data.remote import fetch_file, init_streaming
 from tailkd_dist.data.streaming_residue import remove_dead_streaming_state
 from tailkd_dist.data.tokenizer import tokenizer_sha256 as hash_tokenizer_files
 from tailkd_dist.staging import read_json
@@ -95,24 +93,6 @@ class LoaderConfig:
     ``teacher_hidden`` [seq_len, d] (data/teacher_cache.py)."""
     teacher_cache_remote: str | None = None
     """Where the teacher cache lives when not local: its files are fetched into `teacher_cache`."""
-
-
-def fetch_file(remote: str, name: str, local: str | os.PathLike, *, timeout: float, written_by: str) -> Path:
-    """``remote``/``name`` (s3://..., gs://..., a directory: whatever streaming reaches) into
-    ``local``/``name``, published whole; ValueError naming the source when it cannot be fetched."""
-    path = Path(local) / name
-    source = f"{remote.rstrip('/')}/{name}"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")  # ranks may fetch it at the same time
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.unlink(missing_ok=True)
-        CloudDownloader.direct_download(source, str(tmp), timeout)
-    except Exception as error:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"cannot fetch {source} ({error}): is {remote} a directory written by {written_by}?") \
-            from error
-    tmp.replace(path)
-    return path
 
 
 def read_manifest(
@@ -265,24 +245,6 @@ def _sample(tokens: np.ndarray, doc_ids: np.ndarray) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-def _streaming_with_retry(*, dataset: StreamingDataset | None = None, **kwargs) -> StreamingDataset:
-    """``StreamingDataset(**kwargs)`` (or its ``__init__`` on ``dataset``, a subclass's instance).
-    streaming picks a free shared-memory prefix by listing /dev/shm and then creating
-    "<prefix>_locals"; two jobs starting on one node at the same moment can pick the same one
-    and the loser gets FileExistsError. Nothing else exists yet then: retry."""
-    for attempt in range(5):
-        try:
-            if dataset is None:
-                return StreamingDataset(**kwargs)
-            StreamingDataset.__init__(dataset, **kwargs)
-            return dataset
-        except FileExistsError:
-            if attempt == 4:
-                raise
-            time.sleep(0.2 + random.random())
-    raise AssertionError("unreachable")
-
-
 class PackedTokenDataset(StreamingDataset):
     """StreamingDataset over one split of prepared shards, yielding samples (see the module)."""
 
@@ -321,7 +283,7 @@ class PackedTokenDataset(StreamingDataset):
             if config.teacher_cache_remote is not None:
                 # streaming fetches (and hash-checks) each shard of the cache when a row of it
                 # is first read; random access by row index, so no shuffle of its own.
-                self._cache_rows = _streaming_with_retry(
+                self._cache_rows = init_streaming(
                     remote=config.teacher_cache_remote, local=config.teacher_cache, split=config.split,
                     shuffle=False, batch_size=config.batch_size, validate_hash=config.validate_hash,
                     download_timeout=config.download_timeout, num_canonical_nodes=config.num_canonical_nodes,
@@ -330,7 +292,7 @@ class PackedTokenDataset(StreamingDataset):
         # Before streaming allocates shared memory, so a bad shard fails cleanly and early.
         check_local_shards(Path(config.local, config.split), remote=config.remote,
                            mode=config.local_check, algo=config.validate_hash)
-        _streaming_with_retry(
+        init_streaming(
             remote=config.remote, local=config.local, split=config.split,
             batch_size=config.batch_size, shuffle=config.shuffle, shuffle_seed=config.seed,
             validate_hash=config.validate_hash, download_timeout=config.download_timeout,

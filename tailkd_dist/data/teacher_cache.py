@@ -102,7 +102,7 @@ def read_cache_manifest(cache: str | os.PathLike, *, remote: str | None = None, 
     ``remote`` into ``cache`` first when given; ValueError in one line when the directory is not
     a complete cache."""
     if remote is not None:
-        from tailkd_dist.data.dataset import fetch_file
+        from tailkd_dist.data.remote import fetch_file
 
         fetch_file(remote, MANIFEST, cache, timeout=timeout, written_by="tailkd-cache-teacher (and complete)")
     path = Path(cache) / MANIFEST
@@ -157,7 +157,7 @@ def load_head(cache: str | os.PathLike, *, remote: str | None = None, sha256: st
 
     path = Path(cache) / HEAD_FILE
     if remote is not None and not (sha256 is not None and path.is_file() and file_sha256(path) == sha256):
-        from tailkd_dist.data.dataset import fetch_file
+        from tailkd_dist.data.remote import fetch_file
 
         fetch_file(remote, HEAD_FILE, cache, timeout=timeout, written_by="tailkd-cache-teacher (and complete)")
     if not path.is_file():
