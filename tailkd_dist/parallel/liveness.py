@@ -24,6 +24,7 @@ Usage in the trainer (three calls)::
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -149,6 +150,13 @@ class _Liveness:
 
     def stop(self) -> None:
         self._stop.set()
+        thread = getattr(self, "thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            # Out of the store's C++ call before the interpreter finalises: a daemon thread
+            # still inside one then is torn down through C++ frames that cannot unwind, and the
+            # process aborts after a finished run ("terminate called without an active
+            # exception", exit -6), the more often the busier the machine.
+            thread.join(timeout=min(10.0, self.timeout_s) + 1.0)
 
 
 def _span(ranks: list[int]) -> str:
@@ -167,6 +175,14 @@ def start(topo, *, timeout_s: float, interval_s: float | None = None) -> None:
         _state = None
     if topo.world_size > 1:
         _state = _Liveness(topo, timeout_s, interval_s)
+        atexit.register(_stop_at_exit)  # (registering twice runs it twice: harmless)
+
+
+def _stop_at_exit() -> None:
+    global _state
+    if _state is not None:
+        _state.stop()
+        _state = None
 
 
 def progress(step: int) -> None:
