@@ -201,6 +201,7 @@ def _start(cfg, *, piece_rows: int):
     teacher online), before anything is created: (topology, compute dtype, its cache name)."""
     from tailkd_dist.data.teacher_cache import DTYPES, cache_dtype
     from tailkd_dist.models import teacher_compute_dtype
+    from tailkd_dist.parallel import liveness
     from tailkd_dist.parallel.topology import DistEnv
     from tailkd_dist.preflight import device_problems, run_preflight
     from tailkd_dist.train import build_topology
@@ -226,6 +227,9 @@ def _start(cfg, *, piece_rows: int):
     cfg.loss.loss_group_size = env.world_size
     cfg.loss.hidden_weight = 0.0
     topo = build_topology(cfg)
+    # As training: engine.dist_timeout_s bounds every collective (the engines' own groups too),
+    # and a failed one is reported naming the rank it waited for (main's RuntimeError branch).
+    liveness.start(topo, timeout_s=cfg.engine.dist_timeout_s)
     dtype = teacher_compute_dtype(cfg, topo.device.type)
     dtype_name = cache_dtype(dtype)
     if dtype_name not in DTYPES:
@@ -310,11 +314,12 @@ def _compute_pieces(plan: _Plan, hidden, *, out: Path, topo, micro_batch: int, s
         flags = torch.tensor([len(batches), 0 if stop is None or stop.signal is None else 1], device=topo.device)
         if W > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[1].item():
+        forwards, stopping = flags.tolist()  # one host sync per round
+        if stopping:
             stopped = True
             break
         states = []
-        for k in range(int(flags[0].item())):
+        for k in range(forwards):
             if k < len(batches):
                 states.append(hidden(_batch(batches[k], topo.device)).to("cpu"))
             else:

@@ -70,17 +70,19 @@ def test_training_from_the_cache_equals_the_online_teacher(small, cache1, tmp_pa
         assert (a[k] - b[k]).norm() <= 1e-6 * b[k].norm(), k
 
 
-def _start_paused(cfg: Path, tmp: Path, piece: str) -> subprocess.Popen:
-    """The writer (one process), paused once the piece ``piece`` (split/NNNNNN) is on disk."""
+def _start_paused(cfg: Path, tmp: Path, *pieces: str, nproc: int = 1) -> subprocess.Popen:
+    """The writer (``nproc`` ranks), each rank paused once after its first piece, returned once
+    the pieces ``pieces`` (split/NNNNNN) are on disk; ``tmp``/release ends the pauses."""
     release = tmp / "release"
     release.unlink(missing_ok=True)
-    proc = subprocess.Popen(cache_command(cfg), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120", "TAILKD_TEST_RELEASE": str(release)})
+    proc = subprocess.Popen(cache_command(cfg, nproc=nproc), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120",
+                                            "TAILKD_TEST_RELEASE": str(release)})
     t0 = time.time()
-    while not (tmp / "cache" / piece).is_dir():
+    while not all((tmp / "cache" / p).is_dir() for p in pieces):
         assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
         time.sleep(0.1)
-    time.sleep(0.5)  # inside the pause after that piece
+    time.sleep(0.5)  # inside the pause after those pieces
     return proc
 
 
@@ -127,21 +129,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_round(small, tmp_path
     import psutil
 
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
-    release = tmp_path / "release"
-    proc = subprocess.Popen(cache_command(cfg, nproc=2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120",
-                                            "TAILKD_TEST_RELEASE": str(release)})
+    proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
     try:
-        t0 = time.time()
-        while not all((tmp_path / "cache" / "train" / p).is_dir() for p in ("000000", "000001")):
-            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                    if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
         assert len(workers) == 2, workers
         workers[-1].send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        release.touch()
+        (tmp_path / "release").touch()
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -152,6 +147,32 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_round(small, tmp_path
     assert not (tmp_path / "cache" / "manifest.json").exists()
     write(cfg, nproc=2)
     assert (tmp_path / "cache" / "manifest.json").is_file()
+
+
+def test_a_hung_rank_is_named_by_the_writer_that_waited_for_it(small, tmp_path):
+    """One of two writers stops answering (SIGSTOP: a hung rank, which the launcher does not
+    notice): the other gives up on its collective within engine.dist_timeout_s and names the
+    missing rank in one line (the trainer's liveness report), rather than a traceback or a hang."""
+    import psutil
+
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache", engine__dist_timeout_s=10)
+    proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
+    try:
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
+        assert len(workers) == 2, workers
+        survivor, hung = workers
+        hung.send_signal(signal.SIGSTOP)
+        (tmp_path / "release").touch()
+        survivor.wait(timeout=90)
+        hung.kill()  # (the launcher's SIGTERM waits for a stopped process to continue)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher: error: rank")]
+    assert proc.returncode != 0 and len(lines) == 1, err[-3000:]
+    assert "gave up on a collective" in lines[0] and "waiting for rank" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("case", ["other shards", "other teacher", "other dtype", "damaged manifest"])

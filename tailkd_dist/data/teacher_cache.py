@@ -156,13 +156,15 @@ def load_head(cache: str | os.PathLike, *, remote: str | None = None, sha256: st
     from safetensors.torch import load_file
 
     path = Path(cache) / HEAD_FILE
-    if remote is not None and not (sha256 is not None and path.is_file() and file_sha256(path) == sha256):
+    have = file_sha256(path) if sha256 is not None and path.is_file() else None
+    if remote is not None and (have is None or have != sha256):
         from tailkd_dist.data.remote import fetch_file
 
         fetch_file(remote, HEAD_FILE, cache, timeout=timeout, written_by="tailkd-cache-teacher (and complete)")
+        have = file_sha256(path) if sha256 is not None else None
     if not path.is_file():
         raise ValueError(f"teacher cache {cache} has no {HEAD_FILE}: write the cache again")
-    if sha256 is not None and file_sha256(path) != sha256:
+    if sha256 is not None and have != sha256:
         raise ValueError(f"teacher cache {remote or cache}: {HEAD_FILE} is not the head its manifest names "
                          "(sha256 differs): a damaged or partial copy; copy or write the cache again")
     tensors = load_file(str(path))
