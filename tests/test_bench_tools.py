@@ -18,6 +18,7 @@ from trainer_utils import REPO, env
     ("bench_load.py", ["--layers", "2", "--hidden", "64", "--vocab", "1000", "--ranks", "2"], "| zero_init, fp32 partitions"),
     ("bench_cache.py", ["--scale", "2", "--steps", "4", "--docs", "4", "--seq-len", "32", "--vocab", "1024"],
      "| training step"),
+    ("bench_loss.py", ["--interleave", "--n", "64", "--d", "16", "--vocab", "1031", "--chunks", "16", "32"], "| chunk"),
 ])
 def test_benchmark_runs_at_tiny_size(tool, args, header, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], env={**env(), "TMPDIR": str(tmp_path)},

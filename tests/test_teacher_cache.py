@@ -123,17 +123,23 @@ def test_killed_or_stopped_writer_then_rerun_gives_the_same_bytes(small, cache1,
     assert "already a complete cache" in again.stdout and tree(tmp_path / "cache") == tree(cache1)
 
 
+def _writers(proc) -> list:
+    """The launcher's two writer processes (psutil handles)."""
+    import psutil
+
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
+    assert len(workers) == 2, workers
+    return workers
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_round(small, tmp_path):
     """SIGTERM to one of two writers: both finish the round, agree, and stop (rc 0, one line,
     no rank left waiting in a collective); the rerun finishes the cache."""
-    import psutil
-
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
     proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
     try:
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
-        assert len(workers) == 2, workers
+        workers = _writers(proc)
         workers[-1].send_signal(signal.SIGTERM)
         time.sleep(0.5)
         (tmp_path / "release").touch()
@@ -153,14 +159,10 @@ def test_a_hung_rank_is_named_by_the_writer_that_waited_for_it(small, tmp_path):
     """One of two writers stops answering (SIGSTOP: a hung rank, which the launcher does not
     notice): the other gives up on its collective within engine.dist_timeout_s and names the
     missing rank in one line (the trainer's liveness report), rather than a traceback or a hang."""
-    import psutil
-
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache", engine__dist_timeout_s=10)
     proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
     try:
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "tailkd_dist.cache_teacher" in " ".join(c.cmdline())]
-        assert len(workers) == 2, workers
+        workers = _writers(proc)
         survivor, hung = workers
         hung.send_signal(signal.SIGSTOP)
         (tmp_path / "release").touch()

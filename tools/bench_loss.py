@@ -3,6 +3,8 @@
     python tools/bench_loss.py                 # N=2048, d=512, V in {32003, 128256}
     python tools/bench_loss.py --vocab 32003   # one vocabulary
     python tools/bench_loss.py --passes --vocab 32003 --d 64   # element-wise passes per logit
+    python tools/bench_loss.py --interleave --vocab 128256 --chunks 256 1024 --div tad
+        # chunk sizes timed alternately in ONE process (the machine's drift falls on each)
 
 For each (V, divergence) it measures one forward+backward of
   (a) naive: full [N, V] logits by matmul, the dense loss (tailkd_dist.losses.dense) and
@@ -196,6 +198,38 @@ def _time(fn):
     return time.process_time() - t0
 
 
+def interleave_table(args) -> None:
+    """The fused loss at each of --chunks, called alternately in one process, --repeats rounds
+    after a warm-up call: between processes this machine's speed drifts by more than the
+    differences in question. Runs against older checkouts too (through PYTHONPATH): ``compiled``
+    is passed only when asked for."""
+    from tailkd_dist.losses import fused_linear_distill
+
+    torch.set_num_threads(args.threads)
+    v = args.vocab[0]
+    hs, ws, ht, wt, labels = _inputs(args.n, args.d, v, torch.device("cpu"), torch.float32)
+    extra = {"compiled": True} if args.row_passes == "compiled" else {}
+
+    def call(chunk):
+        hs.grad = ws.grad = None
+        loss, _ = fused_linear_distill(hs, ws, ht, wt, labels, divergence=args.div, k=10, beta=2.0,
+                                       chunk_size=chunk, **extra)
+        loss.backward()
+
+    call(args.chunks[0])  # warm-up (and compilation, with --row-passes compiled)
+    times = {c: [] for c in args.chunks}
+    for _ in range(args.repeats):
+        for c in args.chunks:
+            times[c].append(_time(lambda: call(c)))
+            print(f"  chunk {c}: {times[c][-1]:.2f} s", file=sys.stderr, flush=True)
+    base = min(times[args.chunks[0]])
+    print(f"{args.div}, N={args.n}, d={args.d}, V={v}, fp32, row passes {args.row_passes}, CPU s of the process "
+          f"({args.threads} thread(s)), {args.repeats} alternating rounds in one process; {benchutil.machine()}")
+    print(benchutil.table(["chunk", "CPU s per call", "best", f"best / chunk {args.chunks[0]}"],
+                          [[c, ", ".join(f"{x:.2f}" for x in t), f"{min(t):.2f}", f"{min(t) / base:.3f}"]
+                           for c, t in times.items()]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2048, help="positions")
@@ -211,13 +245,19 @@ def main(argv=None):
                          "call (compilation included) is run and reported apart")
     ap.add_argument("--passes", action="store_true",
                     help="count element-wise passes per logit instead of timing (first --vocab; see count_passes)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the fused loss at each of --chunks alternately in one process (--div, first --vocab, "
+                         "--repeats rounds)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", choices=["naive", "fused"], help=argparse.SUPPRESS)
-    ap.add_argument("--div", choices=["tad", "forward_kl"], help=argparse.SUPPRESS)
+    ap.add_argument("--div", choices=["tad", "forward_kl"], default="tad", help="divergence (--interleave)")
     ap.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.passes:
         passes_table(args)
+        return
+    if args.interleave:
+        interleave_table(args)
         return
     if args.one:
         args.vocab = args.vocab[0]
