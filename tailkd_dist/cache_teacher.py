@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tailkd_dist import __version__
 from tailkd_dist.signals import StopSignals
 from tailkd_dist.staging import write_atomic
-from tailkd_dist.user_error import ArgumentParser, say_error
+from tailkd_dist.user_error import ArgumentParser, say_error, whole_number
 
 PROG = "tailkd-cache-teacher"
 MARKER = ".tailkd-cache-teacher.json"
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("config", help="the training config (YAML); models.teacher.cache names the cache")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. models.teacher.cache=/data/c")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
-    ap.add_argument("--piece-rows", type=int, default=1024,
+    ap.add_argument("--piece-rows", type=whole_number(), default=1024,
                     help="rows per piece, the unit of work and of resumption (default 1024)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)

@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from tailkd_dist import __version__
-from tailkd_dist.user_error import ArgumentParser, say_error
+from tailkd_dist.user_error import ArgumentParser, say_error, whole_number
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -592,14 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="tailkd-demo-out", help="output directory (default: ./tailkd-demo-out)")
     ap.add_argument("--cache-dir", default=None,
                     help=f"prepared data and trained teachers (default: {default_cache_dir()})")
-    ap.add_argument("--nproc", type=int, default=None,
+    ap.add_argument("--nproc", type=whole_number(), default=None,
                     help="ranks (torchrun subprocesses); default 2 when the machine has 2+ cores, else 1")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], default="deepspeed", help="sharding engine")
     ap.add_argument("--tiny", action="store_true", help="CI size (configs/demo_tiny.yaml): a minute or two")
     ap.add_argument("--overlay", default=None, help="another size overlay in demo_tiny.yaml's layout")
-    ap.add_argument("--teacher-steps", type=int, help="teacher training steps (default: demo_teacher.yaml)")
-    ap.add_argument("--student-steps", type=int, help="student steps, TAD and KL alike (default: demo_student.yaml)")
-    ap.add_argument("--seed", type=int, default=1234, help="students' seed (initial weights and batch order)")
+    ap.add_argument("--teacher-steps", type=whole_number(), help="teacher training steps (default: demo_teacher.yaml)")
+    ap.add_argument("--student-steps", type=whole_number(), help="student steps, TAD and KL alike (default: demo_student.yaml)")
+    ap.add_argument("--seed", type=whole_number(0), default=1234, help="students' seed (initial weights and batch order)")
     ap.add_argument("--teacher-set", action="append", metavar="KEY=VALUE",
                     help="override a key of the teacher's config (repeatable), e.g. optim.lr=1e-3")
     ap.add_argument("--student-set", action="append", metavar="KEY=VALUE",
@@ -625,7 +625,7 @@ def _main(args, t_start: float) -> int:
     if not (CONFIG_DIR / "demo_teacher.yaml").exists():
         raise ValueError(f"{CONFIG_DIR} holds no demo configs: run tailkd-demo from a checkout of the repository "
                          "installed with `pip install -e .` (the README's install line)")
-    nproc = args.nproc or default_nproc()
+    nproc = default_nproc() if args.nproc is None else args.nproc
     out = Path(args.out).resolve()
     claim_out_dir(out, prog="tailkd-demo")  # before anything under it is replaced
     cache = Path(args.cache_dir).resolve() if args.cache_dir else default_cache_dir()
@@ -634,9 +634,9 @@ def _main(args, t_start: float) -> int:
     eval_rows = int(overlay.get("eval_rows", DEFAULT_EVAL_ROWS))
     t_over = {**overlay.get("teacher", {}), **parse_sets(args.teacher_set)}
     s_over = {**overlay.get("student", {}), **parse_sets(args.student_set)}
-    if args.teacher_steps:
+    if args.teacher_steps is not None:
         t_over["optim.max_steps"] = args.teacher_steps
-    if args.student_steps:
+    if args.student_steps is not None:
         s_over["optim.max_steps"] = args.student_steps
     s_over.update({"seed": args.seed, "models.student.init_seed": args.seed})
     _say(f"tailkd-demo: {nproc} rank(s), engine {args.engine}, output {out}, cache {cache}")

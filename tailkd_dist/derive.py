@@ -71,7 +71,7 @@ from tailkd_dist.data.tokenizer import TOKENIZER_FILES as _TOKENIZER_FILES
 from tailkd_dist.model_files import check_model_dir
 from tailkd_dist.signals import unwind_on_signals
 from tailkd_dist.staging import check_replaceable, staged_dir
-from tailkd_dist.user_error import ArgumentParser, say_error
+from tailkd_dist.user_error import ArgumentParser, say_error, whole_number
 
 # torch and transformers are imported where they are used: `--help` and bad arguments answer at
 # once.
@@ -597,20 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="student directory to write")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--layers", help="teacher layers to keep, ascending, e.g. 0,2,4")
-    which.add_argument("--every", type=int, metavar="N",
+    which.add_argument("--every", type=whole_number(), metavar="N",
                        help="keep ceil(L/N) evenly spaced layers, first and last included "
                        "(default: 2)")
-    p.add_argument("--hidden-size", type=int, help="student hidden size (default: teacher's)")
-    p.add_argument("--intermediate-size", type=int,
+    p.add_argument("--hidden-size", type=whole_number(), help="student hidden size (default: teacher's)")
+    p.add_argument("--intermediate-size", type=whole_number(),
                    help="student MLP (FFN) size (default: teacher's)")
-    p.add_argument("--num-heads", type=int, help="query heads (default: teacher's, or hidden "
+    p.add_argument("--num-heads", type=whole_number(), help="query heads (default: teacher's, or hidden "
                    "size / head_dim when the hidden size changes)")
-    p.add_argument("--num-kv-heads", type=int,
+    p.add_argument("--num-kv-heads", type=whole_number(),
                    help="KV heads (default: keep the teacher's query heads per KV head)")
-    p.add_argument("--head-dim", type=int, help="head dimension (default: teacher's)")
+    p.add_argument("--head-dim", type=whole_number(), help="head dimension (default: teacher's)")
     p.add_argument("--copy-mlp", action="store_true",
                    help="copy the MLPs from the teacher layers (same hidden and FFN sizes only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the random init (default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing output of this tool (directory with {DERIVATION})")
     return p

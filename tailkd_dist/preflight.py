@@ -66,7 +66,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailkd_dist.user_error import ArgumentParser, say_error
+from tailkd_dist.user_error import ArgumentParser, positive_number, say_error, whole_number
 
 GIB = 2**30
 HEADROOM = 0.9  # the estimate must fit in this fraction of the device's memory
@@ -870,12 +870,12 @@ def main(argv=None) -> int:
         "line per problem.")
     ap.add_argument("config", help="the YAML config tailkd-train will get")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, as for tailkd-train")
-    ap.add_argument("--world-size", type=int, required=True, help="ranks of the job (nodes x GPUs per node)")
-    ap.add_argument("--gpus-per-node", type=int, help="ranks per node (processes per node on CPU)")
+    ap.add_argument("--world-size", type=whole_number(), required=True, help="ranks of the job (nodes x GPUs per node)")
+    ap.add_argument("--gpus-per-node", type=whole_number(), help="ranks per node (processes per node on CPU)")
     ap.add_argument("--device", choices=["cuda", "cpu"],
                     help="the ranks' device (default: cuda if a GPU is visible or --device-memory-gib is given)")
-    ap.add_argument("--device-memory-gib", type=float, help="memory of one GPU (on CPU: the node's RAM)")
-    ap.add_argument("--host-memory-gib", type=float, help="RAM of one node (GPU runs: the model-loading check)")
+    ap.add_argument("--device-memory-gib", type=positive_number, help="memory of one GPU (on CPU: the node's RAM)")
+    ap.add_argument("--host-memory-gib", type=positive_number, help="RAM of one node (GPU runs: the model-loading check)")
     ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], help="override engine.kind")
     ap.add_argument("--quiet", action="store_true", help="print only the verdict and the problems")
     args = ap.parse_intermixed_args(argv)  # overrides before or after the options
@@ -887,9 +887,6 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
     except ValueError as e:
         say_error("tailkd-preflight", e)
-        return 2
-    if args.world_size < 1:
-        say_error("tailkd-preflight", "--world-size must be >= 1")
         return 2
     report = run_preflight(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node, device=args.device,
                            device_memory_gib=args.device_memory_gib, host_memory_gib=args.host_memory_gib)

@@ -33,3 +33,32 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         say_error(self.prog, f"{message} (see {self.prog} --help)")
         sys.exit(2)
+
+
+def whole_number(minimum: int = 1):
+    """An argparse ``type``: an integer of at least ``minimum``. A count given as 0 or -1 is
+    refused when the command line is read (``argument --nproc: -1 must be at least 1``),
+    before any work, rather than taken as "the default" or failing minutes later as a
+    derived config value the user never wrote."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number above 0 (a size or an amount of memory)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number above 0")
+    return value

@@ -537,3 +537,42 @@ def test_a_command_line_mistake_is_one_line(capsys, module, prog):
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"{prog}: error: ") and ("--no-such-option" in err or "required" in err), err
     assert err.rstrip().endswith(f"(see {prog} --help)"), err
+
+
+@pytest.mark.parametrize("module,prog,argv,flag,fragment", [
+    ("tailkd_dist.demo", "tailkd-demo", ["--nproc", "0"], "--nproc", "0 must be at least 1"),
+    ("tailkd_dist.demo", "tailkd-demo", ["--nproc", "-1"], "--nproc", "-1 must be at least 1"),
+    ("tailkd_dist.demo", "tailkd-demo", ["--teacher-steps", "0"], "--teacher-steps", "0 must be at least 1"),
+    ("tailkd_dist.demo", "tailkd-demo", ["--student-steps", "-3"], "--student-steps", "-3 must be at least 1"),
+    ("tailkd_dist.demo", "tailkd-demo", ["--nproc", "two"], "--nproc", "'two' is not a whole number"),
+    ("tailkd_dist.preflight", "tailkd-preflight", ["c.yaml", "--world-size", "0"], "--world-size", "0 must be"),
+    ("tailkd_dist.preflight", "tailkd-preflight", ["c.yaml", "--world-size", "2", "--gpus-per-node", "0"],
+     "--gpus-per-node", "0 must be at least 1"),
+    ("tailkd_dist.preflight", "tailkd-preflight", ["c.yaml", "--world-size", "2", "--device-memory-gib", "-1"],
+     "--device-memory-gib", "-1 must be a number above 0"),
+    ("tailkd_dist.preflight", "tailkd-preflight", ["c.yaml", "--world-size", "2", "--host-memory-gib", "nan"],
+     "--host-memory-gib", "nan must be a number above 0"),
+    ("tailkd_dist.cache_teacher", "tailkd-cache-teacher", ["c.yaml", "--piece-rows", "0"], "--piece-rows", "0 must"),
+    ("tailkd_dist.derive", "tailkd-derive-student", ["t", "-o", "s", "--every", "0"], "--every", "0 must be at least 1"),
+    ("tailkd_dist.derive", "tailkd-derive-student", ["t", "-o", "s", "--seed", "-1"], "--seed", "-1 must be at least 0"),
+    ("tailkd_dist.data.prepare", "tailkd-prepare-data", ["in", "-o", "d", "--train-tokenizer", "5"],
+     "--train-tokenizer", "5 must be at least 258"),
+    ("tailkd_dist.data.prepare", "tailkd-prepare-data", ["in", "-o", "d", "--train-tokenizer", "300", "--seq-len", "0"],
+     "--seq-len", "0 must be at least 1"),
+])
+def test_a_count_of_zero_or_less_is_refused_when_the_command_line_is_read(
+        capsys, tmp_path, monkeypatch, module, prog, argv, flag, fragment):
+    """A 0 was taken as "the default" (tailkd-demo --nproc 0 ran the full demo on 2 ranks,
+    --teacher-steps 0 the default steps; tailkd-preflight --gpus-per-node 0 the visible GPUs)
+    and a negative count failed minutes later as a derived config value the user never wrote
+    (--nproc -1: "data.micro_batch_size = -4", after the data was prepared). Now one line
+    naming the flag, rc 2, before anything is read or written."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: argument {flag}: {fragment}"), err
+    assert list(tmp_path.iterdir()) == []

@@ -11,3 +11,5 @@ MANIFEST = "manifest.json"
 """Written beside the split directories, last: tokenizer, seq_len, source and counts."""
 FORMAT = "tailkd-packed-tokens/1"
 """Layout version recorded in the manifest; the loader refuses other layouts."""
+MIN_BPE_VOCAB = 256 + 2
+"""The smallest vocabulary ``--train-tokenizer`` trains: the 256 byte symbols, EOS and PAD."""

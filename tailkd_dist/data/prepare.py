@@ -39,8 +39,8 @@ from tqdm import tqdm
 from tailkd_dist import __version__
 from tailkd_dist.signals import raise_if_stopping, unwind_on_signals
 from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
-from tailkd_dist.user_error import ArgumentParser, say_error
-from tailkd_dist.data import FORMAT, MANIFEST
+from tailkd_dist.user_error import ArgumentParser, say_error, whole_number
+from tailkd_dist.data import FORMAT, MANIFEST, MIN_BPE_VOCAB
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
 # `--num-proc N` should mean N cores: parallelism comes from our worker processes, not from the
@@ -217,6 +217,10 @@ def _check_config(config: PrepareConfig) -> Path:
         raise ValueError(f"--seq-len {config.seq_len} must be at least 1.")
     if config.num_proc < 1:
         raise ValueError(f"--num-proc {config.num_proc} must be at least 1.")
+    if config.train_tokenizer is not None and config.train_tokenizer < MIN_BPE_VOCAB:
+        # before the corpus is read: loading a large one takes minutes
+        raise ValueError(f"--train-tokenizer {config.train_tokenizer} is too small: a byte-level BPE needs "
+                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + EOS + PAD).")
     if (config.tokenizer is None) == (config.train_tokenizer is None):
         raise ValueError("pass exactly one of --tokenizer DIR (an HF tokenizer, e.g. the "
                          "teacher's) and --train-tokenizer VOCAB (train a byte-level BPE).")
@@ -332,17 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=f"files or globs (jsonl/json/parquet/csv/txt), a "
                    f"save_to_disk directory, or {STDLIB!r}")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--seq-len", type=int, default=256, help="model sequence length (default 256)")
+    p.add_argument("--seq-len", type=whole_number(), default=256, help="model sequence length (default 256)")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", metavar="DIR", help="HF tokenizer directory (the teacher's)")
-    tok.add_argument("--train-tokenizer", metavar="VOCAB", type=int,
+    tok.add_argument("--train-tokenizer", metavar="VOCAB", type=whole_number(MIN_BPE_VOCAB),
                      help="train a byte-level BPE of this vocabulary size on the train split")
     p.add_argument("--text-column", default="text", help="column with the text (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="fraction of documents (stdlib: files) for validation (default 0.05)")
-    p.add_argument("--max-docs", "--max-files", dest="max_docs", type=int,
+    p.add_argument("--max-docs", "--max-files", dest="max_docs", type=whole_number(),
                    help="keep only the first N documents (python-stdlib: files)")
-    p.add_argument("--num-proc", type=int, default=1, help="tokeniser processes (default 1)")
+    p.add_argument("--num-proc", type=whole_number(), default=1, help="tokeniser processes (default 1)")
     p.add_argument("--add-bos", action="store_true", help="start each document with BOS")
     p.add_argument("--txt-sample-by", default="document", choices=["document", "paragraph", "line"],
                    help="for .txt inputs: what one document is (default: a whole file)")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from tailkd_dist.data import MIN_BPE_VOCAB
+
 # Every file name an HF tokenizer may be saved as (fast, BPE, WordPiece, SentencePiece).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -78,9 +80,9 @@ def train_bpe_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + 2:
+    if vocab_size < MIN_BPE_VOCAB:
         raise ValueError(f"--train-tokenizer {vocab_size} is too small: a byte-level BPE needs "
-                         "at least 258 ids (256 bytes + EOS + PAD).")
+                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + EOS + PAD).")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
