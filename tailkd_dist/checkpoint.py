@@ -240,14 +240,26 @@ def check_model_shapes(state: dict, shapes: dict, *, tag: str) -> None:
                               "output_dir")
 
 
+def _differences(key: str, old, new):
+    """(key, old, new) for each difference, nested dicts (an HF config) opened down to the keys
+    that differ: two shortened dicts that start alike say nothing."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(old.keys() | new.keys(), key=str):
+            if old.get(k) != new.get(k):
+                yield from _differences(f"{key}.{k}", old.get(k), new.get(k))
+    else:
+        yield key, old, new
+
+
 def _changes(keys: list[str], old: dict, new: dict, *, limit: int | None = 6) -> str:
-    """``key: old -> new; ...`` for the first ``limit`` keys, values shortened."""
+    """``key: old -> new; ...`` for the first ``limit`` differences, values shortened."""
     def short(v) -> str:
         text = json.dumps(v)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    shown = "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if limit is not None and len(keys) > limit else "")
+    diffs = [d for k in keys for d in _differences(k, old.get(k), new.get(k))]
+    shown = "; ".join(f"{k}: {short(o)} -> {short(n)}" for k, o, n in diffs[:limit])
+    return shown + (f" (and {len(diffs) - limit} more)" if limit is not None and len(diffs) > limit else "")
 
 
 def new_run_id() -> str:

@@ -256,8 +256,10 @@ REFUSED = {
     "k": (["loss.k=5"], "loss.k: 10 -> 5"),
     "lr": (["optim.lr=0.1"], "optim.lr"),
     "seed": (["seed=8"], "seed: 7 -> 8"),
-    "teacher": (["models.teacher.config.hidden_size=64"], "models.teacher.config"),
-    "student_size": (["models.student.config.num_hidden_layers=3"], "models.student.config"),
+    # an HF config is compared whole but the line names the keys inside it that differ
+    "teacher": (["models.teacher.config.hidden_size=64"], "models.teacher.config.hidden_size: 48 -> 64)"),
+    "student_size": (["models.student.config.num_hidden_layers=3", "models.student.config.rope_theta=5000"],
+                     "models.student.config.num_hidden_layers: 2 -> 3; models.student.config.rope_theta: null -> 5000"),
     "engine": (["engine.ds_config=ds_configs/zero3.json"], "engine.ds_config"),
 }
 
