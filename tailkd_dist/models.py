@@ -2,6 +2,7 @@
 and the preflight that checks they can be distilled token by token before any heavy work."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -13,10 +14,9 @@ from tailkd_dist.config import ModelSpec
 
 log = logging.getLogger("tailkd_dist")
 
-# Config attributes that change logits after the lm_head matmul. A scale is folded into the
-# hidden states (exact: logits = (s * h) W^T); a soft cap is non-linear and is refused.
-_LOGIT_SCALES = {"logit_scale": "multiply", "logits_scaling": "divide"}
-_SOFTCAPS = ("final_logit_softcapping",)
+# Config attributes of known non-linear maps of the logits (a soft cap), for a refusal that says
+# which setting to change; any other map is found by the probe in ``hidden_scale``.
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -121,8 +121,107 @@ def lm_head_of(model: nn.Module) -> nn.Module:
     return head
 
 
+def meta_model(config) -> nn.Module:
+    """The causal LM of an HF config on the meta device: real shapes, no storage, no
+    initialisation cost."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+class _GivenHidden(nn.Module):
+    """Stands in for a model's decoder body: returns a given final hidden state. Any other
+    attribute the model's forward reads from its body is the real body's (Falcon-H1's
+    ``lm_head_multiplier``), a submodule again a stand-in (OPT calls ``model.decoder``)."""
+
+    def __init__(self, real: nn.Module, hidden: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "_real", real)  # not a submodule: its meta weights stay out
+        object.__setattr__(self, "_hidden", hidden)
+
+    def forward(self, *args, **kwargs):
+        return _body_output()(last_hidden_state=self._hidden)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            value = getattr(object.__getattribute__(self, "_real"), name)
+            return _GivenHidden(value, self._hidden) if isinstance(value, nn.Module) else value
+
+
+@functools.cache
+def _body_output():
+    """A body's output holding only ``last_hidden_state``; any other field a forward reads
+    (cache, attentions, router logits, ...) is None, as when it was not asked for."""
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class BodyOutput(ModelOutput):
+        last_hidden_state: torch.Tensor | None = None
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
+    return BodyOutput
+
+
+def _probe_logits(config, *, role: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(the model's own logits, lm_head(hidden), whether the lm_head has a bias) for one probe
+    hidden state: the model's forward run after its body with a small random lm_head of the
+    real one's kind."""
+    import copy
+    import math
+
+    # A copy: building a model may write to its config (the attention implementation), and
+    # this config may be a live model's.
+    model = meta_model(copy.deepcopy(config)).eval()
+    body, head = body_of(model), lm_head_of(model)
+    inside = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
+    outside = [n for n, p in model.named_parameters() if id(p) not in inside]
+    if outside:
+        raise ValueError(
+            f"the {role} ({config.model_type}) has parameters between its base model and its lm_head "
+            f"({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}): its logits are not the lm_head "
+            "applied to the final hidden state, which is what the fused loss computes; distil a causal LM "
+            "whose lm_head reads the decoder's output")
+    d, rows = int(head.weight.shape[1]), 16
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 8, d, generator=g)
+    probe = nn.Linear(d, rows, bias=getattr(head, "bias", None) is not None)
+    with torch.no_grad():
+        # logits of a few tens: a soft cap (tanh(x / c) * c, c ~ 30) bends them visibly
+        probe.weight.normal_(0, 40 / math.sqrt(d), generator=g)
+        if probe.bias is not None:
+            probe.bias.normal_(0, 1, generator=g)
+    parent, _, attr = next(name for name, m in model.named_modules() if m is head).rpartition(".")
+    setattr(model.get_submodule(parent), attr, probe)
+    setattr(model, model.base_model_prefix, _GivenHidden(body, hidden))
+    with torch.no_grad():
+        logits = model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits
+        return logits.float(), probe(hidden).float(), probe.bias is not None
+
+
+_SCALES: dict[str, float] = {}
+_SAID: set = set()
+
+
 def hidden_scale(config, *, role: str) -> float:
-    """Factor folded into the final hidden states so the fused loss sees the model's logits."""
+    """The constant c with logits = c * lm_head(final hidden state), folded into the hidden
+    states so the fused loss sees the model's logits (exact: (c h) W^T = c (h W^T); with a
+    bias, the bias must be scaled too, so c != 1 with a bias is refused).
+
+    Found by running the model's own forward after its body on a probe hidden state, not read
+    from a table of config names: the same name means different maps in different families
+    (``logits_scaling`` divides in Granite and multiplies in HyperCLOVA X), and a family may
+    name its own (Falcon-H1's ``lm_head_multiplier``). Anything but a constant (a soft cap, a
+    transform between body and head) is refused in one line. Cached per config."""
+    key = f"{role}:{config.to_json_string(use_diff=False)}"
+    if key in _SCALES:
+        return _SCALES[key]
     for attr in _SOFTCAPS:
         cap = getattr(config, attr, None)
         if cap:
@@ -131,12 +230,39 @@ def hidden_scale(config, *, role: str) -> float:
                 f"loss cannot reproduce exactly; set {attr} to null in the {role}'s config.json (and "
                 "accept slightly different logits) or distil another model"
             )
-    scale = 1.0
-    for attr, how in _LOGIT_SCALES.items():
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            scale = scale * value if how == "multiply" else scale / value
-            log.warning("%s: %s=%s folded into the hidden states (logits scaled by %.4g)", role, attr, value, scale)
+    try:
+        logits, base, has_bias = _probe_logits(config, role=role)
+    except ValueError:
+        raise
+    except Exception as e:  # a forward that needs more than a body's output: say so, go on
+        log.warning("%s (%s): could not check that its logits are its lm_head applied to the final hidden state "
+                    "(%s: %s); the fused loss assumes they are", role, config.model_type, type(e).__name__,
+                    " ".join(str(e).split())[:200])
+        _SCALES[key] = 1.0
+        return 1.0
+    if logits.shape != base.shape:
+        raise ValueError(
+            f"the {role} ({config.model_type}) returns logits of shape {tuple(logits.shape)} from an lm_head of "
+            f"{base.shape[-1]} rows: its forward reshapes or slices them after the lm_head, which the fused "
+            "loss cannot reproduce; distil another model")
+    scale = float((logits * base).sum() / (base * base).sum())
+    err = float((logits - scale * base).abs().max() / base.abs().max())
+    if err > 1e-5:
+        raise ValueError(
+            f"the {role} ({config.model_type}) maps lm_head(hidden) to its logits non-linearly (a probe's "
+            f"logits differ from any constant multiple by {err:.1e} of their range): the fused loss computes "
+            "lm_head(hidden) and cannot reproduce them exactly; distil another model")
+    if abs(scale - 1.0) <= 1e-6:
+        scale = 1.0
+    elif has_bias:
+        raise ValueError(f"the {role} ({config.model_type}) scales its logits by {scale:.6g} and its lm_head has "
+                         "a bias: folding the scale into the hidden states would leave the bias unscaled; "
+                         "distil another model")
+    elif (role, config.model_type, scale) not in _SAID:  # once per process, not per caller
+        _SAID.add((role, config.model_type, scale))
+        log.warning("%s (%s): its logits are %.6g x lm_head(hidden); the factor is folded into the hidden states",
+                    role, config.model_type, scale)
+    _SCALES[key] = scale
     return scale
 
 

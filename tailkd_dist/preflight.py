@@ -197,15 +197,6 @@ def _hf_config(spec):
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
-def _meta_model(config):
-    """The model on the meta device: real shapes, no storage, no initialisation cost."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def model_stats(spec, role: str):
     """(ModelStats, meta model) of a ModelSpec, from its config alone (cached per process)."""
     key = (spec.path, os.path.getmtime(os.path.join(spec.path, "config.json")) if spec.path and
@@ -223,10 +214,10 @@ def _model_stats(key, spec):
         return _CACHE[key]
     from torch import nn
 
-    from tailkd_dist.models import body_of, lm_head_of
+    from tailkd_dist.models import body_of, lm_head_of, meta_model
 
     config = _hf_config(spec)
-    model = _meta_model(config)
+    model = meta_model(config)
     body = body_of(model)
     body_params = sum(p.numel() for p in body.parameters())
     head = lm_head_of(model)
@@ -583,7 +574,7 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
     import torch
 
     from tailkd_dist.losses.fused import group_chunk_size
-    from tailkd_dist.models import plan_vocab, tokenizer_dir
+    from tailkd_dist.models import hidden_scale, plan_vocab, tokenizer_dir
     from tailkd_dist.parallel.topology import validate_degrees
 
     r = Report()
@@ -643,6 +634,11 @@ def run_preflight(cfg, *, world_size: int, gpus_per_node: int | None = None,
         except Exception as e:  # unreadable config.json, unknown model_type, ...
             where = spec.path or "its config mapping"
             r.problems.append(f"models.{role}: cannot read the model config from {where} ({type(e).__name__}: {e})")
+            continue
+        try:  # what the fused loss computes is what the model computes (the engines fold the same scale)
+            hidden_scale(metas[role].config, role=role)
+        except ValueError as e:
+            r.problems.append(str(e))
     vocab = None
     if "student" in metas and (not has_teacher or "teacher" in metas):
         t_key = "teacher" if has_teacher else "student"
