@@ -460,3 +460,21 @@ def test_jobs_starting_together_on_one_node_do_not_collide(small, tmp_path):
                     p.kill()
         for p, out in zip(procs, outs):
             assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("remote, package", [("s3://bucket/shards", "boto3"), ("gs://bucket/shards", "google-cloud-storage"),
+                                             ("oci://bucket/shards", "oci")])
+def test_a_missing_storage_sdk_is_named_with_what_to_install(remote, package, tmp_path, monkeypatch):
+    """The cloud SDKs are optional: a missing one was reported as 'is s3://... a directory written
+    by tailkd-prepare-data?', which sends the user to check the wrong thing."""
+    from tailkd_dist.data import remote as remote_mod
+
+    def missing(source, local, timeout):
+        raise ModuleNotFoundError("No module named 'sdk'", name="sdk")
+
+    monkeypatch.setattr(remote_mod.CloudDownloader, "direct_download", staticmethod(missing))
+    with pytest.raises(ValueError) as info:
+        remote_mod.fetch_file(remote, "manifest.json", tmp_path / "local", timeout=5, written_by="tailkd-prepare-data")
+    text = str(info.value)
+    assert f"needs the Python package {package}" in text and f"pip install {package}" in text, text
+    assert "a directory written by" not in text and list((tmp_path / "local").iterdir()) == []

@@ -30,6 +30,18 @@ LOCK_DIR = "/dev/shm"
 LOCK_WAIT_S = 60.0
 
 
+# The package streaming needs per storage scheme (its cloud SDKs are optional dependencies).
+_SDKS = {"s3": "boto3", "gs": "google-cloud-storage", "oci": "oci", "azure": "azure-storage-blob",
+         "azure-dl": "azure-storage-file-datalake", "dbfs": "databricks-sdk", "hf": "huggingface_hub"}
+
+
+def _missing_sdk(remote: str, error: ImportError) -> str:
+    scheme = remote.split("://", 1)[0] if "://" in remote else ""
+    package = _SDKS.get(scheme) or (error.name or "").split(".")[0] or "its SDK"
+    return (f"reading {scheme}:// needs the Python package {package}, which is not installed ({error}): "
+            f"pip install {package}")
+
+
 def fetch_file(remote: str, name: str, local: str | os.PathLike, *, timeout: float, written_by: str) -> Path:
     """``remote``/``name`` (s3://..., gs://..., a directory: whatever streaming reaches) into
     ``local``/``name``, published whole; ValueError naming the source when it cannot be fetched."""
@@ -40,6 +52,9 @@ def fetch_file(remote: str, name: str, local: str | os.PathLike, *, timeout: flo
     try:
         tmp.unlink(missing_ok=True)
         CloudDownloader.direct_download(source, str(tmp), timeout)
+    except ImportError as error:  # not a question of the directory: say what to install
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot fetch {source}: {_missing_sdk(remote, error)}") from error
     except Exception as error:
         tmp.unlink(missing_ok=True)
         raise ValueError(f"cannot fetch {source} ({error}): is {remote} a directory written by {written_by}?") \
