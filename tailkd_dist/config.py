@@ -429,6 +429,13 @@ def validate(cfg: TrainConfig) -> None:
             cfg.models.teacher.path or cfg.models.teacher.config):
         raise ValueError(f"config key 'loss.hidden_weight' = {cfg.loss.hidden_weight!r} needs a teacher "
                          "(models.teacher.path or .config)")
+    kd = cfg.loss.kd_weight if cfg.loss.divergence != "none" else 0.0
+    if cfg.loss.ce_weight == 0 and kd == 0 and cfg.loss.hidden_weight == 0:
+        # every term weighted 0: the run would load the models, step and save, and learn nothing
+        raise ValueError(
+            f"config keys 'loss.ce_weight' = {cfg.loss.ce_weight!r}, 'loss.kd_weight' = {cfg.loss.kd_weight!r} "
+            f"(loss.divergence = {cfg.loss.divergence!r}) and 'loss.hidden_weight' = {cfg.loss.hidden_weight!r} "
+            "give every term of the loss weight 0, so training would change nothing: give one a weight above 0")
     # The output directory can be made: else the first write, after the models are loaded, fails.
     check_creatable_dir(cfg.output_dir, key="output_dir")
     for role in ("teacher", "student"):

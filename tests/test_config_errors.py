@@ -576,3 +576,35 @@ def test_a_count_of_zero_or_less_is_refused_when_the_command_line_is_read(
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"{prog}: error: argument {flag}: {fragment}"), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("loss", [
+    {"ce_weight": 0, "kd_weight": 0},
+    {"ce_weight": 0, "divergence": "none"},  # CE alone, at weight 0
+    {"ce_weight": 0.0, "kd_weight": 0.0, "hidden_weight": 0.0, "divergence": "jsd"},
+])
+def test_a_loss_whose_every_term_has_weight_0_is_refused(tmp_path, capsys, loss):
+    """It trained: models loaded, steps run, checkpoints and an export written, nothing learnt."""
+    import yaml
+
+    from tailkd_dist.train import main
+
+    raw = _base(tmp_path)
+    raw["loss"] = loss
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    rc = main([str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "give every term of the loss weight 0" in err, err
+    assert "'loss.ce_weight' = 0" in err and not (tmp_path / "run").exists(), err
+
+
+@pytest.mark.parametrize("loss", [{"ce_weight": 0}, {"kd_weight": 0}, {"ce_weight": 0, "kd_weight": 0, "hidden_weight": 1.0}])
+def test_a_loss_with_one_weighted_term_is_accepted(tmp_path, loss):
+    import yaml
+
+    raw = _base(tmp_path)
+    raw["loss"] = loss
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).loss.ce_weight == loss.get("ce_weight", 1.0)
