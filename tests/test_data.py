@@ -478,3 +478,28 @@ def test_a_missing_storage_sdk_is_named_with_what_to_install(remote, package, tm
     text = str(info.value)
     assert f"needs the Python package {package}" in text and f"pip install {package}" in text, text
     assert "a directory written by" not in text and list((tmp_path / "local").iterdir()) == []
+
+
+def _stop_signal_handlers(_):
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_tokeniser_workers_die_of_sigterm_and_leave_ctrl_c_to_the_parent(stdlib_out):
+    """A forked worker inherited the tool's unwind handler: a SIGTERM from Pool.terminate() could
+    be dropped where Python drops a handler's exception, the worker then waited forever on the
+    queue lock the terminating parent held, and so did the parent (seen once in the suite: a
+    22-minute hang in this file's fixture). Workers now run with SIGTERM at its default and
+    SIGINT ignored; the parent keeps its own handlers, in force again after the pool ends."""
+    import signal
+
+    from tailkd_dist.data.prepare import _encoder
+    from tailkd_dist.signals import unwind_on_signals
+
+    with unwind_on_signals("tailkd-test"):
+        mine = signal.getsignal(signal.SIGTERM)
+        with _encoder(2, str(stdlib_out / "tokenizer")) as encode:
+            assert list(encode(_stop_signal_handlers, range(4))) == [(True, True)] * 4
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGINT}

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -116,12 +117,27 @@ class SplitStats:
 _worker_tokenizer: Any = None
 
 
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _init_worker(tokenizer_dir: str) -> None:
     # Each worker loads the tokenizer from disk: works under fork, spawn and forkserver alike.
     global _worker_tokenizer
     from tailkd_dist.data.tokenizer import load_tokenizer
 
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _start_worker(tokenizer_dir: str) -> None:
+    # A forked worker inherits the parent's unwind handler, which may raise where Python drops
+    # the exception: the worker then lives on past Pool.terminate()'s SIGTERM, blocked on the
+    # queue lock the terminating parent holds, and the parent waits for it forever. Workers
+    # die of SIGTERM at once and leave Ctrl-C to the parent (the parent blocked both signals
+    # across the fork, so none can arrive before this line).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+    _init_worker(tokenizer_dir)
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
@@ -137,7 +153,11 @@ def _encoder(num_proc: int, tokenizer_dir: str) -> Iterator[Callable]:
         _init_worker(tokenizer_dir)
         yield map
         return
-    pool = multiprocessing.Pool(num_proc, _init_worker, (tokenizer_dir,))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        pool = multiprocessing.Pool(num_proc, _start_worker, (tokenizer_dir,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile arrives now
     try:
         yield pool.imap  # imap keeps document order
     finally:
