@@ -8,11 +8,13 @@ computes, so equality is demanded to 1e-6).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -70,57 +72,34 @@ def test_training_from_the_cache_equals_the_online_teacher(small, cache1, tmp_pa
         assert (a[k] - b[k]).norm() <= 1e-6 * b[k].norm(), k
 
 
-def _start_paused(cfg: Path, tmp: Path, *pieces: str, nproc: int = 1) -> subprocess.Popen:
-    """The writer (``nproc`` ranks), each rank paused once after its first piece, returned once
-    the pieces ``pieces`` (split/NNNNNN) are on disk; ``tmp``/release ends the pauses."""
+@contextlib.contextmanager
+def _paused_writer(cfg: Path, tmp: Path, *pieces: str, nproc: int = 1) -> Iterator[subprocess.Popen]:
+    """The writer (``nproc`` ranks), each rank paused once after its first piece, yielded once
+    the pieces ``pieces`` (split/NNNNNN) are on disk; ``tmp``/release ends the pauses. Killed on
+    the way out if still running (a failed assertion leaves no writer behind)."""
     release = tmp / "release"
     release.unlink(missing_ok=True)
     proc = subprocess.Popen(cache_command(cfg, nproc=nproc), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**env(), "TAILKD_TEST_PAUSE": "cache_piece:120",
                                             "TAILKD_TEST_RELEASE": str(release)})
-    t0 = time.time()
-    while not all((tmp / "cache" / p).is_dir() for p in pieces):
-        assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
-        time.sleep(0.1)
-    time.sleep(0.5)  # inside the pause after those pieces
-    return proc
-
-
-def test_killed_or_stopped_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
-    """SIGKILL once a piece is done (a stale unfinished piece beside it); SIGTERM in the next
-    run (it finishes its piece, says where it stopped, exits 0); the same command again
-    finishes the cache: the files equal an uninterrupted cache's, byte for byte."""
-    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
-    proc = _start_paused(cfg, tmp_path, "train/000000")
     try:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        t0 = time.time()
+        while not all((tmp / "cache" / p).is_dir() for p in pieces):
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        time.sleep(0.5)  # inside the pause after those pieces
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (tmp_path / "cache" / "manifest.json").exists()
-    stale = tmp_path / "cache" / "train" / "000003.partial"
-    stale.mkdir()
-    (stale / "shard.00000.mds").write_bytes(b"half a piece")
+            proc.wait()
 
-    proc = _start_paused(cfg, tmp_path, "train/000001")  # the run goes on after piece 0
-    try:
-        proc.send_signal(signal.SIGTERM)
-        (tmp_path / "release").touch()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher:")]
-    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
-    assert lines == [f"tailkd-cache-teacher: stopped by SIGTERM with 2 of 11 pieces written in {tmp_path / 'cache'}: "
-                     "run the same command again to finish the cache"], err[-3000:]
-    assert not (tmp_path / "cache" / "manifest.json").exists() and not (tmp_path / "cache" / "train" / "000002").exists()
 
-    write(cfg)
-    assert tree(tmp_path / "cache") == tree(cache1)
-    again = write(cfg)  # complete: nothing to do, nothing changed
-    assert "already a complete cache" in again.stdout and tree(tmp_path / "cache") == tree(cache1)
+def _finish(proc: subprocess.Popen, tmp: Path, *, timeout: float, prefix: str = "tailkd-cache-teacher:"):
+    """End the pauses and wait for the launcher: (its stderr, the lines starting with ``prefix``)."""
+    (tmp / "release").touch()
+    _, err = proc.communicate(timeout=timeout)
+    return err, [ln for ln in err.splitlines() if ln.startswith(prefix)]
 
 
 def _writers(proc) -> list:
@@ -133,21 +112,41 @@ def _writers(proc) -> list:
     return workers
 
 
+def test_killed_or_stopped_writer_then_rerun_gives_the_same_bytes(small, cache1, tmp_path):
+    """SIGKILL once a piece is done (a stale unfinished piece beside it); SIGTERM in the next
+    run (it finishes its piece, says where it stopped, exits 0); the same command again
+    finishes the cache: the files equal an uninterrupted cache's, byte for byte."""
+    cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
+    with _paused_writer(cfg, tmp_path, "train/000000") as proc:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    stale = tmp_path / "cache" / "train" / "000003.partial"
+    stale.mkdir()
+    (stale / "shard.00000.mds").write_bytes(b"half a piece")
+
+    with _paused_writer(cfg, tmp_path, "train/000001") as proc:  # the run goes on after piece 0
+        proc.send_signal(signal.SIGTERM)
+        err, lines = _finish(proc, tmp_path, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert lines == [f"tailkd-cache-teacher: stopped by SIGTERM with 2 of 11 pieces written in {tmp_path / 'cache'}: "
+                     "run the same command again to finish the cache"], err[-3000:]
+    assert not (tmp_path / "cache" / "manifest.json").exists() and not (tmp_path / "cache" / "train" / "000002").exists()
+
+    write(cfg)
+    assert tree(tmp_path / "cache") == tree(cache1)
+    again = write(cfg)  # complete: nothing to do, nothing changed
+    assert "already a complete cache" in again.stdout and tree(tmp_path / "cache") == tree(cache1)
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_round(small, tmp_path):
     """SIGTERM to one of two writers: both finish the round, agree, and stop (rc 0, one line,
     no rank left waiting in a collective); the rerun finishes the cache."""
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache")
-    proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
-    try:
-        workers = _writers(proc)
-        workers[-1].send_signal(signal.SIGTERM)
+    with _paused_writer(cfg, tmp_path, "train/000000", "train/000001", nproc=2) as proc:
+        _writers(proc)[-1].send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        (tmp_path / "release").touch()
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher:")]
+        err, lines = _finish(proc, tmp_path, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert len(lines) == 1 and "with 2 of 11 pieces written" in lines[0], err[-3000:]
     assert not (tmp_path / "cache" / "manifest.json").exists()
@@ -160,19 +159,13 @@ def test_a_hung_rank_is_named_by_the_writer_that_waited_for_it(small, tmp_path):
     notice): the other gives up on its collective within engine.dist_timeout_s and names the
     missing rank in one line (the trainer's liveness report), rather than a traceback or a hang."""
     cfg = config(tmp_path / "c.yaml", small, tmp_path / "unused", cache=tmp_path / "cache", engine__dist_timeout_s=10)
-    proc = _start_paused(cfg, tmp_path, "train/000000", "train/000001", nproc=2)
-    try:
-        workers = _writers(proc)
-        survivor, hung = workers
+    with _paused_writer(cfg, tmp_path, "train/000000", "train/000001", nproc=2) as proc:
+        survivor, hung = _writers(proc)
         hung.send_signal(signal.SIGSTOP)
         (tmp_path / "release").touch()
         survivor.wait(timeout=90)
         hung.kill()  # (the launcher's SIGTERM waits for a stopped process to continue)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines = [ln for ln in err.splitlines() if ln.startswith("tailkd-cache-teacher: error: rank")]
+        err, lines = _finish(proc, tmp_path, timeout=60, prefix="tailkd-cache-teacher: error: rank")
     assert proc.returncode != 0 and len(lines) == 1, err[-3000:]
     assert "gave up on a collective" in lines[0] and "waiting for rank" in lines[0], lines[0]
 
