@@ -169,16 +169,24 @@ def _body_output():
     return BodyOutput
 
 
+class _Unprobed(Exception):
+    """The probe could not run this model's forward (it needs more than its body's output)."""
+
+
 def _probe_logits(config, *, role: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(the model's own logits, lm_head(hidden), whether the lm_head has a bias) for one probe
     hidden state: the model's forward run after its body with a small random lm_head of the
-    real one's kind."""
+    real one's kind. ValueError: the structure itself rules the fused loss out; _Unprobed: the
+    forward could not be run."""
     import copy
     import math
 
-    # A copy: building a model may write to its config (the attention implementation), and
-    # this config may be a live model's.
-    model = meta_model(copy.deepcopy(config)).eval()
+    try:
+        # A copy: building a model may write to its config (the attention implementation),
+        # and this config may be a live model's.
+        model = meta_model(copy.deepcopy(config)).eval()
+    except Exception as e:
+        raise _Unprobed(e) from e
     body, head = body_of(model), lm_head_of(model)
     inside = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
     outside = [n for n, p in model.named_parameters() if id(p) not in inside]
@@ -200,9 +208,12 @@ def _probe_logits(config, *, role: str) -> tuple[torch.Tensor, torch.Tensor, boo
     parent, _, attr = next(name for name, m in model.named_modules() if m is head).rpartition(".")
     setattr(model.get_submodule(parent), attr, probe)
     setattr(model, model.base_model_prefix, _GivenHidden(body, hidden))
-    with torch.no_grad():
-        logits = model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits
-        return logits.float(), probe(hidden).float(), probe.bias is not None
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits
+            return logits.float(), probe(hidden).float(), probe.bias is not None
+    except Exception as e:
+        raise _Unprobed(e) from e
 
 
 _SCALES: dict[str, float] = {}
@@ -232,9 +243,8 @@ def hidden_scale(config, *, role: str) -> float:
             )
     try:
         logits, base, has_bias = _probe_logits(config, role=role)
-    except ValueError:
-        raise
-    except Exception as e:  # a forward that needs more than a body's output: say so, go on
+    except _Unprobed as unprobed:  # say so, go on
+        e = unprobed.__cause__
         log.warning("%s (%s): could not check that its logits are its lm_head applied to the final hidden state "
                     "(%s: %s); the fused loss assumes they are", role, config.model_type, type(e).__name__,
                     " ".join(str(e).split())[:200])

@@ -13,3 +13,10 @@ FORMAT = "tailkd-packed-tokens/1"
 """Layout version recorded in the manifest; the loader refuses other layouts."""
 MIN_BPE_VOCAB = 256 + 2
 """The smallest vocabulary ``--train-tokenizer`` trains: the 256 byte symbols, EOS and PAD."""
+
+
+def check_bpe_vocab(vocab_size: int) -> None:
+    """ValueError unless ``--train-tokenizer`` can train a byte-level BPE of ``vocab_size``."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"--train-tokenizer {vocab_size} is too small: a byte-level BPE needs "
+                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + EOS + PAD).")

@@ -41,7 +41,7 @@ from tailkd_dist import __version__
 from tailkd_dist.signals import raise_if_stopping, unwind_on_signals
 from tailkd_dist.staging import check_replaceable, owned_tempdir, staged_dir
 from tailkd_dist.user_error import ArgumentParser, say_error, whole_number
-from tailkd_dist.data import FORMAT, MANIFEST, MIN_BPE_VOCAB
+from tailkd_dist.data import FORMAT, MANIFEST, MIN_BPE_VOCAB, check_bpe_vocab
 from tailkd_dist.data.corpus import STDLIB, load_corpus
 
 # `--num-proc N` should mean N cores: parallelism comes from our worker processes, not from the
@@ -237,10 +237,8 @@ def _check_config(config: PrepareConfig) -> Path:
         raise ValueError(f"--seq-len {config.seq_len} must be at least 1.")
     if config.num_proc < 1:
         raise ValueError(f"--num-proc {config.num_proc} must be at least 1.")
-    if config.train_tokenizer is not None and config.train_tokenizer < MIN_BPE_VOCAB:
-        # before the corpus is read: loading a large one takes minutes
-        raise ValueError(f"--train-tokenizer {config.train_tokenizer} is too small: a byte-level BPE needs "
-                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + EOS + PAD).")
+    if config.train_tokenizer is not None:  # before the corpus is read: a large one takes minutes
+        check_bpe_vocab(config.train_tokenizer)
     if (config.tokenizer is None) == (config.train_tokenizer is None):
         raise ValueError("pass exactly one of --tokenizer DIR (an HF tokenizer, e.g. the "
                          "teacher's) and --train-tokenizer VOCAB (train a byte-level BPE).")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tailkd_dist.data import MIN_BPE_VOCAB
+from tailkd_dist.data import check_bpe_vocab
 
 # Every file name an HF tokenizer may be saved as (fast, BPE, WordPiece, SentencePiece).
 TOKENIZER_FILES = (
@@ -80,9 +80,7 @@ def train_bpe_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"--train-tokenizer {vocab_size} is too small: a byte-level BPE needs "
-                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + EOS + PAD).")
+    check_bpe_vocab(vocab_size)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
