@@ -187,10 +187,11 @@ def write_cache(cfg, *, piece_rows: int, progress: bool = True, stop: StopSignal
     summary = {}
     if topo.rank == 0:
         _publish(out, plan, head=head, config=teacher.config.to_dict(), provenance=provenance)
-        summary = plan.summary(out, computed=counts.item(), elapsed=elapsed)
+        computed = int(counts.item())
+        summary = plan.summary(out, computed=computed, elapsed=elapsed)
         print(f"{PROG}: wrote {out}: {summary['rows']} rows, {summary['tokens']} tokens, "
               f"{summary['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_token']:.0f} bytes/token (d = {d}, "
-              f"{dtype_name}); this run computed {int(counts.item())} tokens at {summary['tokens_per_s']:.0f} tokens/s")
+              f"{dtype_name}); this run computed {computed} tokens at {summary['tokens_per_s']:.0f} tokens/s")
     if topo.world_size > 1:
         dist.barrier()
     return summary
@@ -277,7 +278,7 @@ class _Plan:
     def pieces_in(self, out: Path) -> int:
         return sum((out / s / f"{i:06d}").is_dir() for s, i in self.tasks)
 
-    def summary(self, out: Path, *, computed: float, elapsed: float) -> dict:
+    def summary(self, out: Path, *, computed: int, elapsed: float) -> dict:
         rows = sum(len(r) for r in self.readers.values())
         size = sum(p.stat().st_size for p in out.rglob("*.mds"))
         return {"rows": rows, "tokens": rows * self.seq_len, "bytes": size,

@@ -52,13 +52,12 @@ def fetch_file(remote: str, name: str, local: str | os.PathLike, *, timeout: flo
     try:
         tmp.unlink(missing_ok=True)
         CloudDownloader.direct_download(source, str(tmp), timeout)
-    except ImportError as error:  # not a question of the directory: say what to install
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"cannot fetch {source}: {_missing_sdk(remote, error)}") from error
     except Exception as error:
         tmp.unlink(missing_ok=True)
-        raise ValueError(f"cannot fetch {source} ({error}): is {remote} a directory written by {written_by}?") \
-            from error
+        # A missing SDK is not a question of the directory: say what to install.
+        why = (f": {_missing_sdk(remote, error)}" if isinstance(error, ImportError) else
+               f" ({error}): is {remote} a directory written by {written_by}?")
+        raise ValueError(f"cannot fetch {source}{why}") from error
     tmp.replace(path)
     return path
 
